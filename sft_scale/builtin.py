@@ -1,0 +1,116 @@
+"""The embedded base model: a tiny Llama and its tokenizer, built offline and deterministically.
+
+`builtin:tiny-llama` resolves to a folder in the cache ($SFT_SCALE_HOME, default
+~/.cache/sft_scale). Building it trains a byte-level BPE tokenizer on the demo's unlabelled text
+and 'pretrains' the model on that text for a few seconds, so the demo really goes
+pretrained base -> supervised fine-tune. The folder is a plain Hugging Face model folder
+(safetensors), loadable by transformers without sft_scale.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+TINY_LLAMA = "tiny-llama"
+_VERSION = "v4"  # bump when the recipe below changes, so stale caches are not reused
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("SFT_SCALE_HOME", Path.home() / ".cache" / "sft_scale"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map `builtin:NAME` to its built folder (building it once); pass anything else through."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    if name != TINY_LLAMA:
+        raise ValueError(f"unknown builtin model {name_or_path!r}; available: "
+                         f"{BUILTIN_PREFIX}{TINY_LLAMA}")
+    target = cache_home() / f"{TINY_LLAMA}-{_VERSION}"
+    if not (target / "model.safetensors").exists():
+        build_tiny_llama(target)
+    return str(target)
+
+
+def build_tokenizer(corpus: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, min_frequency=2, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # No pad token on purpose is a classic pitfall; the builtin model has one so the demo is clean,
+    # and the model loader adds one for bases that lack it.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=256)
+
+
+def build_tiny_llama(target: Path, pretrain_steps: int = 150) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft_scale.demo_data import make_examples, pretraining_corpus
+
+    corpus = pretraining_corpus()
+    train, _ = make_examples()
+    # The tokenizer sees the label words (as a real tokenizer would have); the model does not.
+    tokenizer = build_tokenizer(corpus + [r["prompt"] + r["answer"] for r in train])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    _pretrain(model, tokenizer, corpus, pretrain_steps, gen)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process (a second rank) built the same deterministic folder first.
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pretrain(model, tokenizer, corpus: list[str], steps: int, gen) -> None:
+    """A few seconds of next-token training on unlabelled text; full precision, one process."""
+    import torch
+
+    ids = [[tokenizer.bos_token_id] + tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+           for t in corpus]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(len(ids), (32,), generator=gen).tolist()
+        batch = [ids[i] for i in pick]
+        width = max(len(b) for b in batch)
+        inp = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, b in enumerate(batch):
+            inp[r, :len(b)] = torch.tensor(b)
+            labels[r, :len(b)] = torch.tensor(b)
+            mask[r, :len(b)] = 1
+        loss = model(input_ids=inp, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()

@@ -1,0 +1,345 @@
+"""One YAML file -> one typed, validated config object.
+
+Every error names the file, the line (when the key came from YAML), the dotted key, what was
+expected and the nearest valid key, because a typo in a config should cost seconds, not a
+cluster job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message says where and how."""
+
+
+@dataclass
+class ModelConfig:
+    # A local folder or a hub id; "builtin:tiny-llama" is the embedded demo model.
+    name_or_path: str = "builtin:tiny-llama"
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    revision: Optional[str] = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_8bit: bool = False
+    llm_int8_threshold: float = 6.0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # false means full fine-tuning
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    max_seq_len: int = 512
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 42
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 0  # 0: derived from num_epochs
+    num_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/sft"
+    save_tokenizer: bool = True
+    overwrite: bool = False  # refuse to train into a dir that already holds a finished adapter
+    # Write the example ids each rank trained on (data_trace/rank{N}.jsonl): proves sharding.
+    trace_samples: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
+    # records the intent so the launch helpers and checks can read it.
+    zero: Optional[int] = None
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 16
+    max_examples: int = 200
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Where the config came from; paths in it are resolved against this file's folder.
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def global_batch_size(self, world_size: int) -> int:
+        t = self.training
+        return t.micro_batch_size * t.gradient_accumulation_steps * world_size
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                output_dir: str | None = None) -> Config:
+    """Read YAML, apply `--set a.b=value` overrides and `--output-dir`, validate, resolve paths."""
+    raw: dict = {}
+    lines: dict[str, int] = {}
+    src = str(path) if path is not None else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{src}: config file not found. Pass an existing YAML file, e.g. "
+                              "--config examples/demo.yaml")
+        text = p.read_text()
+        try:
+            node = yaml.compose(text)
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{src}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{src}: the top level must be a mapping of sections "
+                              f"({', '.join(_section_names())}), got {type(raw).__name__}")
+        _collect_lines(node, "", lines)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    if output_dir is not None:
+        raw.setdefault("output", {})
+        if not isinstance(raw["output"], dict):
+            raise ConfigError(f"{src}: 'output' must be a mapping")
+        raw["output"]["dir"] = output_dir
+    cfg = _build(Config, raw, "", src, lines)
+    cfg.source = str(Path(path).resolve()) if path is not None else None
+    _resolve_paths(cfg)
+    validate(cfg, src)
+    return cfg
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
+
+
+def _collect_lines(node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = k.start_mark.line + 1
+            _collect_lines(v, key + ".", out)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. --set training.max_steps=6")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be SECTION.FIELD, e.g. training.max_steps")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = parsed
+
+
+def _where(src: str, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    if line is None:
+        # Overrides have no line; say so, so the user does not hunt through the YAML.
+        return f"{src} (or a --set override)" if src != "<defaults>" else "--set override"
+    return f"{src}:{line}"
+
+
+def _build(cls, raw: Any, prefix: str, src: str, lines: dict[str, int]):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(src, lines, prefix.rstrip('.'))}: '{prefix.rstrip('.')}' must "
+                          f"be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            raise ConfigError(f"{_where(src, lines, dotted)}: unknown key '{dotted}'{hint} "
+                              f"Valid keys here: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", src, lines)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, _where(src, lines, dotted))
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str, where: str):
+    """Check `value` against the annotation; allow the lossless int->float widening only."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: '{key}' expects {_type_name(tp)}, got "
+                      f"{type(value).__name__} {value!r}")
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        near = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        raise ConfigError(f"{where}: '{key}' expects {_type_name(tp)}, got {value!r}"
+                          + (f"; did you mean {near[0]!r}?" if near else ""))
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "2e-4" as a string; accept it, it is what everyone writes.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _resolve_paths(cfg: Config) -> None:
+    """Data paths are relative to the config file, so a config works from any working dir."""
+    base = Path(cfg.source).parent if cfg.source else Path.cwd()
+
+    def res(p: str) -> str:
+        if "://" in p or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    cfg.data.train_files = [res(p) for p in cfg.data.train_files]
+    cfg.data.eval_files = [res(p) for p in cfg.data.eval_files]
+    if cfg.distributed.deepspeed_config:
+        cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
+
+
+def validate(cfg: Config, src: str = "<config>") -> None:
+    """Value checks that types alone cannot express; each says how to fix it."""
+    t = cfg.training
+    checks = [
+        (t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1"),
+        (t.max_steps >= 0, "training.max_steps", "must be >= 0 (0 derives it from num_epochs)"),
+        (t.max_steps > 0 or t.num_epochs > 0, "training.num_epochs",
+         "must be > 0 when training.max_steps is 0"),
+        (t.learning_rate > 0, "training.learning_rate", "must be > 0"),
+        (0.0 <= t.warmup_ratio < 1.0, "training.warmup_ratio", "must be in [0, 1)"),
+        (t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0"),
+        (t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables clipping)"),
+        (t.logging_steps >= 1, "training.logging_steps", "must be >= 1"),
+        (cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8"),
+        (cfg.lora.r >= 1, "lora.r", "must be >= 1"),
+        (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+        (bool(cfg.data.train_files), "data.train_files",
+         "must list at least one training file, e.g. [examples/data/demo_train.jsonl]"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{src}: '{key}' {msg}")
+    if cfg.quantization.load_in_8bit and not cfg.lora.enabled:
+        raise ConfigError(f"{src}: 'quantization.load_in_8bit' with 'lora.enabled: false' would "
+                          "fine-tune frozen int8 weights. Enable LoRA, or drop 8-bit for full "
+                          "fine-tuning.")
+    if cfg.distributed.zero is not None and cfg.distributed.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: 'distributed.zero' must be 0, 1, 2 or 3")
+
+
+def dump_yaml(cfg: Config, extra: dict | None = None) -> str:
+    d = cfg.to_dict()
+    if extra:
+        d["resolved"] = extra
+    return yaml.safe_dump(d, sort_keys=False)

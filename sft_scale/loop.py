@@ -1,0 +1,109 @@
+"""The training loop: accumulate, clip, step, schedule, log. Short on purpose (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sft_scale.config import Config
+from sft_scale.data import GlobalBatchSampler, collate
+from sft_scale.data.tokenize import IGNORE_INDEX
+from sft_scale.metrics import MetricsWriter
+
+
+def total_steps(cfg: Config, n_examples: int, world_size: int) -> int:
+    if cfg.training.max_steps > 0:
+        return cfg.training.max_steps
+    return max(1, math.ceil(cfg.training.num_epochs * n_examples
+                            / cfg.global_batch_size(world_size)))
+
+
+def build_optimizer(model, cfg: Config):
+    t = cfg.training
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Weight decay on norms and biases only shrinks them towards zero for no benefit.
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate,
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def build_scheduler(optimizer, cfg: Config, steps: int):
+    from transformers import get_scheduler
+
+    t = cfg.training
+    warmup = t.warmup_steps or int(round(t.warmup_ratio * steps))
+    # Stepped by the loop once per optimizer step and deliberately not passed through
+    # accelerator.prepare, which would step it once per process on multi-process runs.
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=steps)
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0  # real (non-pad) input tokens, all ranks
+    losses: list[float] = field(default_factory=list)
+
+
+def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: GlobalBatchSampler,
+               cfg: Config, steps: int, metrics: MetricsWriter, pad_token_id: int,
+               state: LoopState | None = None, trace=None) -> LoopState:
+    from tqdm.auto import tqdm
+
+    state = state or LoopState()
+    scale = cfg.training.gradient_accumulation_steps * accelerator.num_processes
+    clip = cfg.training.max_grad_norm or float("inf")
+    bar = tqdm(total=steps, initial=state.step, disable=not accelerator.is_main_process,
+               desc="train", dynamic_ncols=True)
+    model.train()
+    t_last, tokens_last = time.perf_counter(), state.tokens_seen
+    while state.step < steps:
+        micro = [collate([dataset[i] for i in idx], pad_token_id)
+                 for idx in sampler.micro_batches(state.step)]
+        if trace is not None:
+            trace(state.step, sampler.micro_batches(state.step))
+        # Normalise by the trained tokens of the whole global batch (all micro-batches, all ranks),
+        # so the gradient is the same however the batch is split across ranks and accumulation.
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                               sum(int(b["attention_mask"].sum()) for b in micro)],
+                              device=accelerator.device)
+        n_trained, n_real = accelerator.reduce(counts, reduction="sum").tolist()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for batch in micro:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                out = model(**batch, num_items_in_batch=max(n_trained, 1))
+                # accelerator.backward divides by accumulation steps and DDP/ZeRO average over
+                # ranks; undo both so the summed gradient is per trained token.
+                accelerator.backward(out.loss * scale)
+                step_loss += out.loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = accelerator.reduce(step_loss, reduction="sum").item()
+        state.step += 1
+        state.tokens_seen += n_real
+        state.losses.append(loss)
+        if state.step % cfg.training.logging_steps == 0 or state.step == steps:
+            now = time.perf_counter()
+            tps = (state.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, state.tokens_seen
+            lr = scheduler.get_last_lr()[0]
+            gn = float(grad_norm) if grad_norm is not None else float("nan")
+            metrics.write({"step": state.step, "epoch": round(sampler.epoch_at(state.step), 4),
+                           "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
+                           "tokens_seen": state.tokens_seen, "trained_tokens": n_trained})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        bar.update(1)
+    bar.close()
+    return state

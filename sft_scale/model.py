@@ -1,0 +1,88 @@
+"""Tokenizer and model: dtype, attention, bitsandbytes 8-bit, k-bit preparation, LoRA (PEFT)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sft_scale.builtin import resolve_model_path
+from sft_scale.config import Config
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer {path!r} has no EOS token: generation could never stop. "
+                         "Use a tokenizer with an eos_token, or set model.tokenizer to one.")
+    if tok.pad_token is None:
+        # Reusing EOS as pad is safe here because labels come from our own mask, never from
+        # `input_ids != pad`, so the EOS we append after each answer is still trained.
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token; using EOS (%r) for padding", tok.eos_token)
+    return tok
+
+
+def load_model(cfg: Config, device_index: int | None = None):
+    """The causal LM, quantized and wrapped with LoRA as the config says, ready for training."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                  dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation,
+                  use_safetensors=True)
+    if cfg.quantization.load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=cfg.quantization.llm_int8_threshold)
+        # bitsandbytes quantizes while placing weights, so each rank loads onto its own device.
+        kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+
+    gc = cfg.training.gradient_checkpointing
+    if cfg.quantization.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            # With frozen embeddings nothing before the first checkpointed block needs a grad,
+            # and backward would fail with "element 0 of tensors does not require grad".
+            model.enable_input_require_grads()
+
+    if cfg.lora.enabled:
+        model = wrap_lora(model, cfg)
+    return model
+
+
+def wrap_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+        target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
+        bias=lc.bias)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
+        raise ValueError(f"lora.target_modules={lc.target_modules!r} does not fit this model "
+                         f"({e}). Linear layers it has: {names}; or use 'all-linear'.") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,88 @@
+"""What a run leaves in its output dir, each piece written atomically.
+
+    OUTPUT_DIR/
+      config.resolved.yaml   the config with defaults filled and the resolved batch layout
+      metrics.jsonl          one line per logged step
+      adapter/               PEFT adapter (+ tokenizer)   |  model/  for full fine-tuning
+      probe.safetensors      input ids and the final model's logits on them (reload checks)
+      summary.json           final numbers
+      data_trace/rankN.jsonl the examples each rank trained on (output.trace_samples)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sft_scale.config import Config, ConfigError, dump_yaml
+from sft_scale.io_utils import atomic_dir, atomic_write_json, atomic_write_text
+
+FINISHED_MARKERS = ("adapter", "model")
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    done = [m for m in FINISHED_MARKERS if (out_dir / m).exists()]
+    if done and not overwrite:
+        raise ConfigError(f"output dir {out_dir} already holds a finished run ({done[0]}/). "
+                          "Choose another --output-dir, or --set output.overwrite=true to "
+                          "replace it.")
+
+
+def start_run_dir(out_dir: Path, cfg: Config, resolved: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.resolved.yaml", dump_yaml(cfg, resolved))
+    (out_dir / "metrics.jsonl").write_text("")
+
+
+def finish_run_dir(out_dir: Path, summary: dict) -> None:
+    atomic_write_json(out_dir / "summary.json", summary)
+
+
+def sample_tracer(out_dir: Path, rank: int, dataset):
+    path = out_dir / "data_trace" / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+    def trace(step: int, micro_batches: list[list[int]]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "examples": [
+                [dataset[i]["source"] for i in mb] for mb in micro_batches]}) + "\n")
+    return trace
+
+
+def save_model(accelerator, model, tokenizer, cfg: Config, out_dir: Path) -> Path:
+    """Adapter (LoRA) or full model as safetensors; under ZeRO-3 every rank must take part,
+    because the partitioned weights are gathered collectively."""
+    state_dict = accelerator.get_state_dict(model)
+    target = out_dir / ("adapter" if cfg.lora.enabled else "model")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with atomic_dir(target) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if cfg.output.save_tokenizer:
+                tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return target
+
+
+@torch.no_grad()
+def save_probe(accelerator, model, dataset, pad_token_id: int, out_dir: Path, n: int = 2) -> None:
+    """The trained model's logits on a few training inputs, so any reload (plain peft, merge,
+    export) can be checked against what training really ended with."""
+    from safetensors.torch import save_file
+
+    from sft_scale.data import collate
+
+    batch = collate([dataset[i] for i in range(min(n, len(dataset)))], pad_token_id)
+    model.eval()
+    logits = model(input_ids=batch["input_ids"].to(accelerator.device),
+                   attention_mask=batch["attention_mask"].to(accelerator.device)).logits
+    model.train()
+    if accelerator.is_main_process:
+        tensors = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                   "logits": logits.float().cpu().contiguous()}
+        tmp = out_dir / ".probe.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(out_dir / "probe.safetensors")
