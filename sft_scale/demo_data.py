@@ -83,9 +83,9 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def main() -> None:  # python -m sft_scale.demo_data OUT_DIR regenerates the shipped files
+def main() -> None:  # python -m sft_scale.demo_data [OUT_DIR] regenerates the shipped files
     import sys
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/data")
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "sft_scale/assets")
     train, ev = make_examples()
     write_jsonl(train, out / "demo_train.jsonl")
     write_jsonl(ev, out / "demo_eval.jsonl")

@@ -3,35 +3,57 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
 from sft_scale.config import Config
 
 
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    handlers, cpu = [], False
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched and not torch.cuda.is_available():
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            # Under a DeepSpeed launch without a GPU no backend is chosen, and every rank then
-            # believes it is rank 0 of 1 (duplicated data, duplicated writes). gloo is the CPU
-            # backend; Accelerator(cpu=True) would instead silently drop DeepSpeed.
+
+def make_accelerator(cfg: Config, ds_config: dict | None = None):
+    """`ds_config`: a resolved DeepSpeed dict (no "auto" left) to run under DeepSpeed, or None."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    handlers, cpu, plugin = [], False, None
+    no_gpu = not torch.cuda.is_available()
+    if ds_config is not None:
+        # DeepSpeed comes in through the plugin whatever launched us (accelerate's DeepSpeed
+        # launcher, its torchrun path, plain torchrun, or one plain process), so multi-node jobs
+        # need no DeepSpeed launcher (pdsh or its 'standalone' mode).
+        _default_single_process_env()
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+        if no_gpu:
+            # Without a GPU no backend is chosen under DeepSpeed and every rank then believes it
+            # is rank 0 of 1 (duplicated data, duplicated writes). gloo is the CPU backend;
+            # Accelerator(cpu=True) would instead silently drop DeepSpeed.
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        else:
-            # A plain multi-process launch on CPU is only data-parallel (gradients all-reduced)
-            # as MULTI_CPU, which Accelerate selects for cpu=True.
-            cpu = True
+    elif world_size_from_env() > 1 and no_gpu:
+        # A plain multi-process launch on CPU is only data-parallel (gradients all-reduced)
+        # as MULTI_CPU, which Accelerate selects for cpu=True.
+        cpu = True
     mixed = {"fp32": "no", "auto": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.model.dtype]
     # The loop hands the accelerator exactly `accum` micro-batches per optimizer step, so syncing
     # follows the step count, not the end of a dataloader.
-    plugin = GradientAccumulationPlugin(num_steps=cfg.training.gradient_accumulation_steps,
-                                        sync_with_dataloader=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_plugin=plugin,
-                       kwargs_handlers=handlers)
+    accum = GradientAccumulationPlugin(num_steps=cfg.training.gradient_accumulation_steps,
+                                       sync_with_dataloader=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_plugin=accum,
+                       deepspeed_plugin=plugin, kwargs_handlers=handlers)
+
+
+def _default_single_process_env() -> None:
+    """DeepSpeed always initialises torch.distributed; give a lone process a world of one."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def describe(accelerator) -> str:

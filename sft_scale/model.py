@@ -45,6 +45,11 @@ def load_model(cfg: Config, device_index: int | None = None):
         # bitsandbytes quantizes while placing weights, so each rank loads onto its own device.
         kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.quantization.load_in_8bit:
+        n8 = sum(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+        if n8 == 0:
+            raise RuntimeError(f"load_in_8bit was asked for but {path} loaded no int8 layer")
+        log.info("quantization: bitsandbytes LLM.int8, %d Linear8bitLt layers", n8)
     model.config.use_cache = False  # the KV cache only costs memory during training
 
     gc = cfg.training.gradient_checkpointing

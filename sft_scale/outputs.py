@@ -2,6 +2,7 @@
 
     OUTPUT_DIR/
       config.resolved.yaml   the config with defaults filled and the resolved batch layout
+      deepspeed.resolved.json the DeepSpeed config as used (every "auto" resolved)
       metrics.jsonl          one line per logged step
       adapter/               PEFT adapter (+ tokenizer)   |  model/  for full fine-tuning
       probe.safetensors      input ids and the final model's logits on them (reload checks)
@@ -30,9 +31,11 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
                           "replace it.")
 
 
-def start_run_dir(out_dir: Path, cfg: Config, resolved: dict) -> None:
+def start_run_dir(out_dir: Path, cfg: Config, resolved: dict, ds_config: dict | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.resolved.yaml", dump_yaml(cfg, resolved))
+    if ds_config is not None:
+        atomic_write_json(out_dir / "deepspeed.resolved.json", ds_config)
     (out_dir / "metrics.jsonl").write_text("")
 
 

@@ -38,12 +38,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sft_scale.data import DataError
+
     try:
         cfg = load_config(args.config, args.overrides, args.output_dir)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        # A user-fixable problem: one clear line, not a traceback.
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        print(f"{kind} error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0
 
 
@@ -54,12 +58,14 @@ def run(cfg: Config) -> dict:
     from sft_scale import outputs
     from sft_scale.data import GlobalBatchSampler, read_records, tokenize_dataset
     from sft_scale.distributed import describe, make_accelerator
+    from sft_scale.preflight import resolve_deepspeed
     from sft_scale.loop import (build_optimizer, build_scheduler, total_steps, train_loop)
     from sft_scale.metrics import MetricsWriter
     from sft_scale.model import count_parameters, load_model, load_tokenizer
 
     started = time.time()
-    accelerator = make_accelerator(cfg)
+    ds_config = resolve_deepspeed(cfg)
+    accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -80,14 +86,15 @@ def run(cfg: Config) -> dict:
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
                 "total_steps": steps, "train_examples": len(train_ds),
                 "dropped_no_trainable_tokens": dropped,
-                "distributed_type": accelerator.distributed_type.value}
+                "distributed_type": accelerator.distributed_type.value,
+                "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None}
     if main_proc:
         log.info(describe(accelerator))
         print("resolved config:\n" + dump_yaml(cfg, resolved), flush=True)
         log.info("global batch = %d micro x %d accumulation x %d processes = %d examples/step",
                  cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps, world,
                  resolved["global_batch_size"])
-        outputs.start_run_dir(out_dir, cfg, resolved)
+        outputs.start_run_dir(out_dir, cfg, resolved, ds_config)
     accelerator.wait_for_everyone()
 
     # 2. Model, optimizer, schedule.

@@ -1,0 +1,34 @@
+# Two commands matter: `make demo` (the embedded default job) and `make test`.
+# Both create .venv and install everything on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# CPU machines take the CPU wheel of torch; GPU users can install their CUDA torch into the venv
+# first (or set TORCH_SPEC) and this step keeps it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	# DeepSpeed ships as an sdist whose build imports torch: build it against the torch above
+	# instead of letting pip fetch another (CUDA, several GB) torch into an isolated build env.
+	$(PIP) install --no-build-isolation "deepspeed>=0.17"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/sft-scale demo --output-dir runs/demo
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,54 @@
+"""Checks that must pass before any weights load: a bad combination fails in seconds, not after
+the model has been downloaded and sharded across a cluster."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from sft_scale.config import Config, ConfigError
+from sft_scale.deepspeed_config import (ds_config_path, load_ds_config, resolve_ds_config,
+                                        zero_stage)
+from sft_scale.distributed import world_size_from_env
+
+log = logging.getLogger(__name__)
+
+
+def model_hidden_size(cfg: Config) -> int | None:
+    from transformers import AutoConfig
+
+    from sft_scale.builtin import resolve_model_path
+
+    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                    revision=cfg.model.revision,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(mc, "hidden_size", None) or getattr(mc, "d_model", None)
+
+
+def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict | None:
+    """The DeepSpeed config this run will use, fully resolved and checked, or None (DDP)."""
+    path = ds_config_path(cfg)
+    if path is None:
+        return None
+    world = world_size or world_size_from_env()
+    ds = resolve_ds_config(load_ds_config(path), cfg, world, model_hidden_size(cfg), source=path)
+    check_compatibility(cfg, ds, path)
+    log.info("DeepSpeed config %s resolved: %s", path, json.dumps(ds))
+    return ds
+
+
+def check_compatibility(cfg: Config, ds: dict | None, source: str = "<deepspeed config>") -> None:
+    stage = zero_stage(ds) if ds else None
+    z = (ds or {}).get("zero_optimization", {})
+    offload = any(z.get(k, {}).get("device", "none") not in ("none", None)
+                  for k in ("offload_optimizer", "offload_param"))
+    if cfg.quantization.load_in_8bit and stage == 3:
+        raise ConfigError(f"{source}: 8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3. "
+                          "Use ZeRO-2 (distributed.zero: 2) or plain DDP with 8-bit, or drop "
+                          "quantization.load_in_8bit for ZeRO-3.")
+    if offload and stage not in (1, 2, 3):
+        raise ConfigError(f"{source}: CPU offload needs ZeRO stage 1-3, got stage {stage}")
+    if cfg.distributed.zero is not None and stage is not None and stage != cfg.distributed.zero \
+            and ds_config_path(cfg) != cfg.distributed.deepspeed_config:
+        log.warning("distributed.zero=%s but the DeepSpeed config in use (%s) is stage %s; the "
+                    "launcher's file wins", cfg.distributed.zero, source, stage)

@@ -1,0 +1,60 @@
+"""Shared fixtures: an isolated, offline cache for the builtin model and helpers that run the real
+training script in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "examples" / "demo.yaml"
+TRAIN = ROOT / "sft_scale" / "train.py"
+
+# No network in tests: anything that tries to reach a hub fails loudly instead of hanging.
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sft_scale_home(tmp_path_factory):
+    """One builtin tiny-llama per test session, built by the project itself (offline)."""
+    home = os.environ.get("SFT_SCALE_TEST_HOME") or str(tmp_path_factory.mktemp("sft_scale_home"))
+    os.environ["SFT_SCALE_HOME"] = home
+    from sft_scale.builtin import resolve_model_path
+    resolve_model_path("builtin:tiny-llama")
+    return Path(home)
+
+
+def run_train(out_dir: Path, *sets: str, nproc: int = 1, extra_launch: list[str] | None = None,
+              config: Path = DEMO_CONFIG, timeout: int = 600, check: bool = True):
+    """Run the recipe as users do: `python train.py` (1 process) or `accelerate launch`."""
+    args = ["--config", str(config), "--output-dir", str(out_dir)]
+    for s in sets:
+        args += ["--set", s]
+    if nproc == 1 and not extra_launch:
+        cmd = [sys.executable, str(TRAIN)] + args
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
+        cmd += (extra_launch or ["--multi_gpu"]) + ["--main_process_port", str(_free_port()),
+                                                    str(TRAIN)] + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
