@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sft_scale.config import ConfigError
+from sft_scale.data.sources import DataError
 
 TRAIN_SCRIPT = Path(__file__).parent / "train.py"
 
@@ -50,6 +51,14 @@ def cmd_demo(args) -> int:
     return 0 if report["after"] > report["before"] else 1
 
 
+def cmd_data_preview(args) -> int:
+    from sft_scale.config import load_config
+    from sft_scale.data.preview import preview
+
+    preview(load_config(args.config, args.overrides), n=args.n)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sft-scale", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -66,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the launch line only")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("data", help="inspect the training data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("preview", help="tokenized examples with the trained part marked, "
+                            "then statistics")
+    config_args(p)
+    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.set_defaults(func=cmd_data_preview)
+
     p = sub.add_parser("demo", help="tiny offline demo: evaluate, fine-tune, evaluate again")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -79,6 +96,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
 
 

@@ -51,13 +51,43 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
+FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification")
+Format = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text",
+                 "classification"]
+
+
+@dataclass
+class DatasetSource:
+    # A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, or a hub dataset id.
+    path: str = ""
+    format: Format = "auto"
+    split: str = "train"
+    name: Optional[str] = None  # hub dataset config name
+    weight: Optional[float] = None  # 2.0 repeats the source twice, 0.5 takes half
+    count: Optional[int] = None  # exactly this many records (repeating if needed)
+
+
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
+    train_files: list[str] = field(default_factory=list)  # shorthand for datasets: [{path: ...}]
     eval_files: list[str] = field(default_factory=list)
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
+    datasets: list[DatasetSource] = field(default_factory=list)
+    eval_datasets: list[DatasetSource] = field(default_factory=list)
+    eval_fraction: float = 0.0  # held out from the training mix when no eval files are given
+    format: Format = "auto"
+    prompt_field: Optional[str] = None  # prompt/completion field names when not the usual ones
+    answer_field: Optional[str] = None
+    system_prompt: Optional[str] = None  # prepended as a system turn to chats that have none
+    # "auto": the tokenizer's own template, else chatml. Or a name (chatml, llama3) or Jinja text.
+    chat_template: str = "auto"
+    train_on_inputs: bool = False
     max_seq_len: int = 512
+    truncation: Literal["truncate", "drop"] = "truncate"
+    # Padding-free: each micro-batch is one row of concatenated examples, position ids
+    # restarting at 0 per example, attention never crossing examples.
+    packing: bool = False
+    group_by_length: bool = True  # without packing: batch similar lengths to cut padding
+    num_proc: int = 1
 
 
 @dataclass
@@ -174,6 +204,11 @@ def _collect_lines(node, prefix: str, out: dict[str, int]) -> None:
             key = f"{prefix}{k.value}"
             out[key] = k.start_mark.line + 1
             _collect_lines(v, key + ".", out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            key = f"{prefix.rstrip('.')}[{i}]"
+            out[key] = v.start_mark.line + 1
+            _collect_lines(v, key + ".", out)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -222,6 +257,12 @@ def _build(cls, raw: Any, prefix: str, src: str, lines: dict[str, int]):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", src, lines)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            if not isinstance(value, list):
+                raise ConfigError(f"{_where(src, lines, dotted)}: '{dotted}' expects a list of "
+                                  f"mappings, got {type(value).__name__} {value!r}")
+            kwargs[key] = [_build(typing.get_args(tp)[0], v, f"{dotted}[{i}].", src, lines)
+                           for i, v in enumerate(value)]
         else:
             kwargs[key] = _coerce(value, tp, dotted, _where(src, lines, dotted))
     return cls(**kwargs)
@@ -303,6 +344,10 @@ def _resolve_paths(cfg: Config) -> None:
 
     cfg.data.train_files = [res(p) for p in cfg.data.train_files]
     cfg.data.eval_files = [res(p) for p in cfg.data.eval_files]
+    for src in cfg.data.datasets + cfg.data.eval_datasets:
+        # A relative path that exists next to the config is a file; anything else may be a hub id.
+        if (base / src.path).exists():
+            src.path = str((base / src.path).resolve())
     if cfg.distributed.deepspeed_config:
         cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
 
@@ -324,8 +369,10 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         (cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8"),
         (cfg.lora.r >= 1, "lora.r", "must be >= 1"),
         (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
-        (bool(cfg.data.train_files), "data.train_files",
-         "must list at least one training file, e.g. [examples/data/demo_train.jsonl]"),
+        (bool(cfg.data.train_files or cfg.data.datasets), "data.train_files",
+         "(or data.datasets) must name at least one training file, e.g. [train.jsonl]"),
+        (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
+        (cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1"),
     ]
     for ok, key, msg in checks:
         if not ok:

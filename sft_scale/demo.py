@@ -15,10 +15,12 @@ DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.yaml"
 
 
 def _eval_records(cfg: Config) -> list[dict]:
-    from sft_scale.data import read_records
+    from sft_scale.data import load_examples
+    from sft_scale.data.pipeline import eval_sources
 
-    recs = read_records(cfg.data.eval_files, (cfg.data.prompt_field, cfg.data.answer_field))
-    return recs[: cfg.eval.max_examples]
+    examples = [json.loads(e) for e in load_examples(eval_sources(cfg), cfg)["example"]]
+    return [{"prompt": e["prompt"], "answer": e["completion"]}
+            for e in examples[: cfg.eval.max_examples] if e["kind"] == "completion"]
 
 
 def evaluate_checkpoint(cfg: Config, adapter_dir: Path | None) -> dict:
@@ -42,7 +44,8 @@ def evaluate_checkpoint(cfg: Config, adapter_dir: Path | None) -> dict:
 def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     from sft_scale.train import run
 
-    cfg = load_config(DEMO_CONFIG, overrides, output_dir)
+    # The demo may be rerun into the same folder: it replaces its own previous result.
+    cfg = load_config(DEMO_CONFIG, ["output.overwrite=true"] + list(overrides or []), output_dir)
     before = evaluate_checkpoint(cfg, None)
     summary = run(cfg)
     after = evaluate_checkpoint(cfg, Path(cfg.output.dir) / "adapter")

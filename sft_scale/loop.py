@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sft_scale.config import Config
-from sft_scale.data import GlobalBatchSampler, collate
-from sft_scale.data.tokenize import IGNORE_INDEX
+from sft_scale.data import IGNORE_INDEX, GlobalBatchSampler, collate, collate_packed
+from sft_scale.data.collate import padding_stats
 from sft_scale.metrics import MetricsWriter
 
 
@@ -50,6 +50,7 @@ def build_scheduler(optimizer, cfg: Config, steps: int):
 class LoopState:
     step: int = 0
     tokens_seen: int = 0  # real (non-pad) input tokens, all ranks
+    slots_seen: int = 0  # computed token slots (real + padding), all ranks
     losses: list[float] = field(default_factory=list)
 
 
@@ -65,22 +66,24 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
                desc="train", dynamic_ncols=True)
     model.train()
     t_last, tokens_last = time.perf_counter(), state.tokens_seen
+    collate_fn = collate_packed if cfg.data.packing else collate
     while state.step < steps:
-        micro = [collate([dataset[i] for i in idx], pad_token_id)
+        micro = [collate_fn([dataset[i] for i in idx], pad_token_id)
                  for idx in sampler.micro_batches(state.step)]
         if trace is not None:
             trace(state.step, sampler.micro_batches(state.step))
         # Normalise by the trained tokens of the whole global batch (all micro-batches, all ranks),
         # so the gradient is the same however the batch is split across ranks and accumulation.
+        pads = [padding_stats(b) for b in micro]
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                               sum(int(b["attention_mask"].sum()) for b in micro)],
+                               sum(r for r, _ in pads), sum(s for _, s in pads)],
                               device=accelerator.device)
-        n_trained, n_real = accelerator.reduce(counts, reduction="sum").tolist()
+        n_trained, n_real, n_slots = accelerator.reduce(counts, reduction="sum").tolist()
         step_loss = torch.zeros((), device=accelerator.device)
         for batch in micro:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                out = model(**batch, num_items_in_batch=max(n_trained, 1))
+                out = model(**batch, use_cache=False, num_items_in_batch=max(n_trained, 1))
                 # accelerator.backward divides by accumulation steps and DDP/ZeRO average over
                 # ranks; undo both so the summed gradient is per trained token.
                 accelerator.backward(out.loss * scale)
@@ -93,6 +96,7 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
         loss = accelerator.reduce(step_loss, reduction="sum").item()
         state.step += 1
         state.tokens_seen += n_real
+        state.slots_seen += n_slots
         state.losses.append(loss)
         if state.step % cfg.training.logging_steps == 0 or state.step == steps:
             now = time.perf_counter()
@@ -102,7 +106,8 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
             gn = float(grad_norm) if grad_norm is not None else float("nan")
             metrics.write({"step": state.step, "epoch": round(sampler.epoch_at(state.step), 4),
                            "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
-                           "tokens_seen": state.tokens_seen, "trained_tokens": n_trained})
+                           "tokens_seen": state.tokens_seen, "trained_tokens": n_trained,
+                           "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         bar.update(1)
     bar.close()

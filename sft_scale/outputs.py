@@ -51,7 +51,7 @@ def sample_tracer(out_dir: Path, rank: int, dataset):
     def trace(step: int, micro_batches: list[list[int]]) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({"step": step, "examples": [
-                [dataset[i]["source"] for i in mb] for mb in micro_batches]}) + "\n")
+                [dataset[i]["_source"] for i in mb] for mb in micro_batches]}) + "\n")
     return trace
 
 

@@ -56,7 +56,7 @@ def run(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
     from sft_scale import outputs
-    from sft_scale.data import GlobalBatchSampler, read_records, tokenize_dataset
+    from sft_scale.data import GlobalBatchSampler, build_datasets
     from sft_scale.distributed import describe, make_accelerator
     from sft_scale.preflight import resolve_deepspeed
     from sft_scale.loop import (build_optimizer, build_scheduler, total_steps, train_loop)
@@ -75,17 +75,13 @@ def run(cfg: Config) -> dict:
 
     # 1. Data, validated before anything is written.
     tokenizer = load_tokenizer(cfg)
-    records = read_records(cfg.data.train_files, (cfg.data.prompt_field, cfg.data.answer_field))
-    train_ds, dropped = tokenize_dataset(records, tokenizer, cfg.data.max_seq_len)
-    if len(train_ds) == 0:
-        raise ValueError(f"every training example lost its answer to truncation at "
-                         f"data.max_seq_len={cfg.data.max_seq_len}; raise it")
+    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
+        train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
     steps = total_steps(cfg, len(train_ds), world)
     resolved = {"world_size": world, "global_batch_size": cfg.global_batch_size(world),
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-                "total_steps": steps, "train_examples": len(train_ds),
-                "dropped_no_trainable_tokens": dropped,
+                "total_steps": steps, "data": data_stats.as_dict(),
                 "distributed_type": accelerator.distributed_type.value,
                 "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None}
     if main_proc:
@@ -109,9 +105,11 @@ def run(cfg: Config) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # 3. The loop.
+    grouped = cfg.data.group_by_length and not cfg.data.packing
     sampler = GlobalBatchSampler(len(train_ds), cfg.training.micro_batch_size,
                                  cfg.training.gradient_accumulation_steps, world,
-                                 accelerator.process_index, cfg.training.seed)
+                                 accelerator.process_index, cfg.training.seed,
+                                 lengths=list(train_ds["length"]) if grouped else None)
     trace = outputs.sample_tracer(out_dir, accelerator.process_index, train_ds) \
         if cfg.output.trace_samples else None
     metrics = MetricsWriter(out_dir / "metrics.jsonl" if main_proc else None)
@@ -126,6 +124,7 @@ def run(cfg: Config) -> dict:
     summary = {"steps": state.step, "first_loss": state.losses[0] if state.losses else None,
                "final_loss": state.losses[-1] if state.losses else None,
                "tokens_seen": state.tokens_seen, "seconds": round(elapsed, 2),
+               "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1),
                "tokens_per_s": state.tokens_seen / max(elapsed, 1e-9),
                "trainable_parameters": trainable, "total_parameters": total, **resolved}
     if main_proc:

@@ -1,9 +1,10 @@
-"""Data: read records, turn them into token ids with a loss mask, batch them."""
+"""Data: sources -> formats -> tokens with loss masks -> batches."""
 
-from sft_scale.data.collate import collate
-from sft_scale.data.records import DataError, read_records
+from sft_scale.data.collate import collate, collate_packed
+from sft_scale.data.pipeline import DataStats, build_datasets, load_examples
 from sft_scale.data.sampler import GlobalBatchSampler
-from sft_scale.data.tokenize import encode_prompt_answer, tokenize_dataset
+from sft_scale.data.sources import DataError
+from sft_scale.data.tokenize import IGNORE_INDEX, encode_example
 
-__all__ = ["DataError", "read_records", "encode_prompt_answer", "tokenize_dataset", "collate",
-           "GlobalBatchSampler"]
+__all__ = ["DataError", "DataStats", "build_datasets", "load_examples", "encode_example",
+           "collate", "collate_packed", "GlobalBatchSampler", "IGNORE_INDEX"]

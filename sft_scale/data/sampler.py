@@ -19,12 +19,17 @@ class GlobalBatchSampler:
     micro-step k // world, so ranks see disjoint examples.
     """
 
-    def __init__(self, n_examples: int, micro: int, accum: int, world: int, rank: int, seed: int):
+    GROUP_STEPS = 32  # length grouping sorts within windows of this many global batches
+
+    def __init__(self, n_examples: int, micro: int, accum: int, world: int, rank: int, seed: int,
+                 lengths: list[int] | None = None):
         if n_examples < 1:
             raise ValueError("no examples to sample from")
         self.n, self.micro, self.accum, self.world, self.rank = n_examples, micro, accum, world, rank
         self.seed = seed
+        self.lengths = lengths  # given: batch examples of similar length together
         self._perms: dict[int, list[int]] = {}
+        self._window: tuple[int, list[list[int]]] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -38,14 +43,29 @@ class GlobalBatchSampler:
             self._perms = {epoch: perm}  # keep one epoch: memory stays O(n)
         return self._perms[epoch][off]
 
+    def global_batch_indices(self, step: int) -> list[int]:
+        G = self.global_batch
+        if self.lengths is None:
+            return [self._index(p) for p in range(step * G, (step + 1) * G)]
+        # Length grouping: sort a window of global batches by length, then shuffle the order of
+        # the batches inside it, so batches are homogeneous but their order stays random.
+        w, k = divmod(step, self.GROUP_STEPS)
+        if self._window is None or self._window[0] != w:
+            start = w * self.GROUP_STEPS * G
+            idx = [self._index(p) for p in range(start, start + self.GROUP_STEPS * G)]
+            idx.sort(key=lambda i: -self.lengths[i])
+            batches = [idx[j * G:(j + 1) * G] for j in range(self.GROUP_STEPS)]
+            random.Random(self.seed * 7_919 + w).shuffle(batches)
+            self._window = (w, batches)
+        return self._window[1][k]
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's `accum` micro-batches (lists of example indices) for optimizer step `step`."""
-        start = step * self.global_batch
+        batch = self.global_batch_indices(step)
         out = []
         for m in range(self.accum):
             k = m * self.world + self.rank
-            s = start + k * self.micro
-            out.append([self._index(p) for p in range(s, s + self.micro)])
+            out.append(batch[k * self.micro:(k + 1) * self.micro])
         return out
 
     def epoch_at(self, step: int) -> float:

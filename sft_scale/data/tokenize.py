@@ -1,29 +1,75 @@
-"""Prompt/answer records -> input ids and labels with the loss on the answer (and EOS) only."""
+"""Canonical examples -> input ids and labels, with the loss exactly where it belongs.
+
+- completion: prompt and completion tokenized separately (the mask boundary is exact whatever the
+  tokenizer would merge across it); BOS first; EOS appended after the completion.
+- chat: rendered by the chat template; tokens inside an assistant turn's span are trained (when
+  that turn's `train` is true); EOS is inserted after every assistant turn unless the turn already
+  ends with it.
+- text: every token trained (continued pretraining).
+`train_on_inputs` trains every token of every kind.
+"""
 
 from __future__ import annotations
+
+from sft_scale.data.templates import assistant_spans
 
 IGNORE_INDEX = -100
 
 
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
 def encode_prompt_answer(tokenizer, prompt: str, answer: str, max_seq_len: int) -> dict:
-    """Tokenize prompt and answer separately, so the mask boundary is exact whatever the
-    tokenizer merges across it; append EOS so the model learns to stop."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + a)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(p) + a)[:max_seq_len]
-    return {"input_ids": ids, "labels": labels,
-            "n_trained": sum(1 for x in labels if x != IGNORE_INDEX)}
+    return encode_example(tokenizer, {"kind": "completion", "prompt": prompt,
+                                      "completion": answer}, max_seq_len)
 
 
-def tokenize_dataset(records: list[dict], tokenizer, max_seq_len: int):
-    """A `datasets.Dataset` of encoded examples; examples with no trainable token are dropped
-    (a truncation that cut the whole answer away would otherwise train on nothing)."""
-    from datasets import Dataset
+def encode_example(tokenizer, ex: dict, max_seq_len: int, template: str | None = None,
+                   train_on_inputs: bool = False, truncation: str = "truncate") -> dict:
+    if ex["kind"] == "completion":
+        p = _bos(tokenizer) + tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+        a = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
+        ids = p + a + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * len(p) + a + [tokenizer.eos_token_id]
+    elif ex["kind"] == "text":
+        ids = _bos(tokenizer) + tokenizer(ex["text"], add_special_tokens=False)["input_ids"] \
+            + [tokenizer.eos_token_id]
+        labels = list(ids)
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token
+    elif ex["kind"] == "chat":
+        ids, labels = _encode_chat(tokenizer, template, ex["messages"])
+    else:
+        raise ValueError(f"unknown example kind {ex['kind']!r}")
+    if train_on_inputs:
+        labels = [IGNORE_INDEX] + ids[1:]
+    length = len(ids)
+    truncated = length > max_seq_len
+    if truncated and truncation == "drop":
+        ids, labels = [], []
+    else:
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "original_length": length,
+            "truncated": truncated, "n_trained": sum(1 for x in labels if x != IGNORE_INDEX)}
 
-    ds = Dataset.from_list(records)
-    ds = ds.map(lambda r: encode_prompt_answer(tokenizer, r["prompt"], r["answer"], max_seq_len),
-                remove_columns=["prompt", "answer"])
-    kept = ds.filter(lambda r: r["n_trained"] > 0)
-    return kept, len(ds) - len(kept)
+
+def _encode_chat(tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[int]]:
+    text, spans = assistant_spans(tokenizer, template, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = []
+    labels: list[int] = []
+    eos = tokenizer.eos_token_id
+    offsets = enc["offset_mapping"]
+    span_i = 0
+    for k, (tok_id, (start, _end)) in enumerate(zip(enc["input_ids"], offsets)):
+        while span_i < len(spans) and start >= spans[span_i][1]:
+            span_i += 1
+        in_span = span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1]
+        ids.append(tok_id)
+        labels.append(tok_id if in_span and spans[span_i][2] else IGNORE_INDEX)
+        nxt = offsets[k + 1][0] if k + 1 < len(offsets) else len(text)
+        if in_span and nxt >= spans[span_i][1] and tok_id != eos:
+            # Last token of this assistant turn: the model must learn to stop here.
+            ids.append(eos)
+            labels.append(eos if spans[span_i][2] else IGNORE_INDEX)
+    return ids, labels

@@ -4,8 +4,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.data import DataError, GlobalBatchSampler, collate, read_records
-from sft_scale.data.tokenize import IGNORE_INDEX, encode_prompt_answer, tokenize_dataset
+from sft_scale.data import GlobalBatchSampler, collate
+from sft_scale.data.tokenize import IGNORE_INDEX, encode_prompt_answer
 
 
 @pytest.fixture(scope="module")
@@ -31,29 +31,6 @@ def test_loss_only_on_answer_and_eos(tok, prompt, answer):
     assert tok.decode(untrained) == tok.bos_token + prompt
     # labels equal the input ids wherever they are trained
     assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(enc["input_ids"], enc["labels"]))
-
-
-def test_truncation_that_removes_the_answer_drops_the_example(tok):
-    recs = [{"prompt": "word " * 50, "answer": " yes", "source": "x:1"},
-            {"prompt": "short", "answer": " yes", "source": "x:2"}]
-    ds, dropped = tokenize_dataset(recs, tok, max_seq_len=16)
-    assert dropped == 1 and len(ds) == 1
-    assert ds[0]["source"] == "x:2"
-
-
-def test_bad_jsonl_names_file_and_line(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": \n')
-    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
-        read_records([str(p)], ("prompt", "answer"))
-    p.write_text('{"prompt": "a", "answer": "b"}\n\n{"question": "a"}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:3: record lacks string field\(s\) \['prompt', 'answer'\]"):
-        read_records([str(p)], ("prompt", "answer"))
-    p.write_text("\n")
-    with pytest.raises(DataError, match="empty"):
-        read_records([str(p)], ("prompt", "answer"))
-    with pytest.raises(DataError, match="not found"):
-        read_records([str(tmp_path / "missing.jsonl")], ("prompt", "answer"))
 
 
 def test_collate_pads_right_and_masks(tok):

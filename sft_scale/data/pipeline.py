@@ -1,0 +1,119 @@
+"""Sources -> formats -> tokens + masks -> length policy -> train/eval datasets, with statistics.
+
+Preprocessing runs through `datasets.map`, so it is cached by the datasets fingerprint and runs
+in parallel with `data.num_proc`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+from sft_scale.config import Config, DatasetSource
+from sft_scale.data.formats import detect_format, to_example
+from sft_scale.data.sources import SOURCE_COLUMN, DataError, apply_weight, load_source
+from sft_scale.data.templates import resolve_template
+from sft_scale.data.tokenize import encode_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_trainable: int = 0
+    eval_examples: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_sources(cfg: Config) -> list[DatasetSource]:
+    return [DatasetSource(path=p) for p in cfg.data.train_files] + list(cfg.data.datasets)
+
+
+def eval_sources(cfg: Config) -> list[DatasetSource]:
+    return [DatasetSource(path=p) for p in cfg.data.eval_files] + list(cfg.data.eval_datasets)
+
+
+def load_examples(sources: list[DatasetSource], cfg: Config):
+    """Raw records of every source turned into canonical examples (one `example` column)."""
+    import datasets
+
+    parts = []
+    for i, src in enumerate(sources):
+        ds = load_source(src)
+        fmt = src.format if src.format != "auto" else cfg.data.format
+        if fmt == "auto":
+            fmt = detect_format([c for c in ds.column_names if c != SOURCE_COLUMN],
+                                f"{src.path} (first record)")
+        ds = apply_weight(ds, src, cfg.training.seed + i)
+        d = cfg.data
+        # Stored as JSON text: chats and completions have different shapes, one arrow column each.
+        ds = ds.map(lambda r: {"example": json.dumps(to_example(
+                        r, fmt, d.prompt_field, d.answer_field, d.system_prompt))},
+                    remove_columns=[c for c in ds.column_names if c != SOURCE_COLUMN],
+                    num_proc=_procs(cfg, ds), desc=f"format {fmt}: {src.path}")
+        log.info("data: %s -> %d records, format %s", src.path, len(ds), fmt)
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _procs(cfg: Config, ds) -> int | None:
+    n = min(cfg.data.num_proc, max(1, len(ds) // 64))
+    return n if n > 1 else None
+
+
+def encode_dataset(ds, tokenizer, cfg: Config):
+    template = resolve_template(tokenizer, cfg.data.chat_template)
+    d = cfg.data
+    return ds.map(lambda r: encode_example(tokenizer, json.loads(r["example"]), d.max_seq_len,
+                                           template,
+                                           d.train_on_inputs, d.truncation),
+                  remove_columns=["example"], num_proc=_procs(cfg, ds), desc="tokenize")
+
+
+def build_datasets(cfg: Config, tokenizer):
+    """(train, eval or None, stats). Raises DataError, before anything is written, when the data
+    is malformed or nothing trainable is left."""
+    train = load_examples(train_sources(cfg), cfg).shuffle(seed=cfg.training.seed)
+    evals = eval_sources(cfg)
+    eval_ds = load_examples(evals, cfg) if evals else None
+    if eval_ds is None and cfg.data.eval_fraction > 0:
+        n_eval = max(1, int(round(len(train) * cfg.data.eval_fraction)))
+        if n_eval >= len(train):
+            raise DataError(f"data.eval_fraction={cfg.data.eval_fraction} leaves no training "
+                            f"records of {len(train)}")
+        eval_ds, train = train.select(range(n_eval)), train.select(range(n_eval, len(train)))
+    train, stats = _finish(encode_dataset(train, tokenizer, cfg), "training")
+    if eval_ds is not None:
+        eval_ds, _ = _finish(encode_dataset(eval_ds, tokenizer, cfg), "eval")
+        stats.eval_examples = len(eval_ds)
+    return train, eval_ds, stats
+
+
+def _finish(ds, what: str):
+    stats = DataStats(truncated=sum(ds["truncated"]))
+    n = len(ds)
+    ds = ds.filter(lambda r: r["length"] > 0, desc="drop over-long")
+    stats.dropped_too_long = n - len(ds)
+    n = len(ds)
+    ds = ds.filter(lambda r: r["n_trained"] > 0, desc="drop untrainable")
+    stats.dropped_no_trainable = n - len(ds)
+    if len(ds) == 0:
+        raise DataError(f"the {what} data is empty after filtering ({stats.dropped_too_long} "
+                        f"dropped as too long, {stats.dropped_no_trainable} with no trainable "
+                        "token left after truncation). Raise data.max_seq_len or check the data.")
+    stats.examples = len(ds)
+    stats.tokens = sum(ds["length"])
+    stats.trained_tokens = sum(ds["n_trained"])
+    if stats.dropped_no_trainable or stats.dropped_too_long or stats.truncated:
+        log.warning("%s data: %d truncated, %d dropped as too long, %d dropped with no trainable "
+                    "token", what, stats.truncated - stats.dropped_too_long,
+                    stats.dropped_too_long, stats.dropped_no_trainable)
+    return ds, stats
