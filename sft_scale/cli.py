@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -11,32 +12,27 @@ from pathlib import Path
 from sft_scale.config import ConfigError
 from sft_scale.data.sources import DataError
 
-TRAIN_SCRIPT = Path(__file__).parent / "train.py"
-
-
-def launch_command(config: str, overrides: list[str], output_dir: str | None, nproc: int = 1,
-                   deepspeed_config: str | None = None) -> list[str]:
-    """The `accelerate launch ...` line that runs the recipe with this layout."""
-    cmd = ["accelerate", "launch", "--num_processes", str(nproc)]
-    if deepspeed_config:
-        cmd += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config]
-    elif nproc > 1:
-        # Accelerate's name for its torchrun path; on CPU our Accelerator then picks MULTI_CPU.
-        cmd += ["--multi_gpu"]
-    cmd += [str(TRAIN_SCRIPT), "--config", config]
-    for o in overrides:
-        cmd += ["--set", o]
-    if output_dir:
-        cmd += ["--output-dir", output_dir]
-    return cmd
-
-
 def cmd_train(args) -> int:
     from sft_scale.config import load_config
+    from sft_scale.launch import Layout, launch_command
+    from sft_scale.preflight import resolve_deepspeed
 
     cfg = load_config(args.config, args.overrides, args.output_dir)  # fail fast, before launching
-    cmd = launch_command(args.config, args.overrides, args.output_dir, args.nproc,
-                         cfg.distributed.deepspeed_config)
+    zero = args.zero if args.zero is not None else cfg.distributed.zero
+    offload = args.offload or cfg.distributed.offload
+    layout = Layout(nproc_per_node=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
+                    master_addr=args.master_addr, master_port=args.master_port, zero=zero,
+                    offload=offload, deepspeed_config=args.deepspeed_config
+                    or cfg.distributed.deepspeed_config)
+    cmd = launch_command(args.config, layout, args.overrides, args.output_dir)
+    # Resolve (and check) the DeepSpeed config for this world size now, so a contradiction or
+    # an "auto" that cannot be filled fails here, not on the cluster.
+    if layout.ds_file():
+        cfg.distributed.deepspeed_config = layout.ds_file()
+        ds = resolve_deepspeed(cfg, world_size=layout.world_size)
+        print("deepspeed (resolved): " + json.dumps(ds), flush=True)
+    print(f"world size {layout.world_size} = {args.nodes} node(s) x {args.nproc} process(es); "
+          f"global batch {cfg.global_batch_size(layout.world_size)}", flush=True)
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -71,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="compose and run the accelerate launch line")
     config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="processes on this node")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="rank-0 node address (multi-node)")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="DeepSpeed ZeRO stage (ds_configs/zeroN.json); default: the config's")
+    p.add_argument("--offload", action="store_true", help="ZeRO-2/3 with CPU offload")
+    p.add_argument("--deepspeed-config", default=None, help="your own DeepSpeed JSON")
     p.add_argument("--dry-run", action="store_true", help="print the launch line only")
     p.set_defaults(func=cmd_train)
 

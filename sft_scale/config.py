@@ -123,8 +123,9 @@ class OutputConfig:
 class DistributedConfig:
     # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
     # records the intent so the launch helpers and checks can read it.
-    zero: Optional[int] = None
-    deepspeed_config: Optional[str] = None
+    zero: Optional[int] = None  # 0-3: ds_configs/zeroN.json; null: DDP
+    offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; wins over zero
 
 
 @dataclass
@@ -383,6 +384,11 @@ def validate(cfg: Config, src: str = "<config>") -> None:
                           "fine-tuning.")
     if cfg.distributed.zero is not None and cfg.distributed.zero not in (0, 1, 2, 3):
         raise ConfigError(f"{src}: 'distributed.zero' must be 0, 1, 2 or 3")
+    if cfg.distributed.offload and cfg.distributed.zero not in (2, 3) \
+            and not cfg.distributed.deepspeed_config:
+        raise ConfigError(f"{src}: 'distributed.offload: true' needs DeepSpeed ZeRO-2 or ZeRO-3 "
+                          "(set distributed.zero: 2 or 3); offload moves ZeRO-partitioned "
+                          "optimizer state to CPU memory")
 
 
 def dump_yaml(cfg: Config, extra: dict | None = None) -> str:

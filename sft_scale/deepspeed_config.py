@@ -41,7 +41,8 @@ def ds_config_path(cfg: Config) -> str | None:
     if cfg.distributed.deepspeed_config:
         return cfg.distributed.deepspeed_config
     if cfg.distributed.zero is not None:
-        return str(DS_CONFIG_DIR / f"zero{cfg.distributed.zero}.json")
+        suffix = "_offload" if cfg.distributed.offload else ""
+        return str(DS_CONFIG_DIR / f"zero{cfg.distributed.zero}{suffix}.json")
     return None
 
 
