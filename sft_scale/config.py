@@ -120,6 +120,14 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end (and on preemption)
+    keep_last: int = 2
+    # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
+    resume: str = "auto"
+
+
+@dataclass
 class DistributedConfig:
     # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
     # records the intent so the launch helpers and checks can read it.
@@ -142,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Where the config came from; paths in it are resolved against this file's folder.
@@ -367,6 +376,8 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         (t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0"),
         (t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables clipping)"),
         (t.logging_steps >= 1, "training.logging_steps", "must be >= 1"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
         (cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8"),
         (cfg.lora.r >= 1, "lora.r", "must be >= 1"),
         (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),

@@ -56,7 +56,8 @@ class LoopState:
 
 def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: GlobalBatchSampler,
                cfg: Config, steps: int, metrics: MetricsWriter, pad_token_id: int,
-               state: LoopState | None = None, trace=None) -> LoopState:
+               state: LoopState | None = None, trace=None, on_step_end=None) -> LoopState:
+    """Train until `steps` (or until `on_step_end(state)` returns True, e.g. on preemption)."""
     from tqdm.auto import tqdm
 
     state = state or LoopState()
@@ -110,5 +111,7 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
                            "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         bar.update(1)
+        if on_step_end is not None and on_step_end(state):
+            break
     bar.close()
     return state

@@ -7,6 +7,9 @@
       adapter/               PEFT adapter (+ tokenizer)   |  model/  for full fine-tuning
       probe.safetensors      input ids and the final model's logits on them (reload checks)
       summary.json           final numbers
+      manifest.json          what ran where: config, DeepSpeed JSON, versions, git commit, hosts,
+                             SLURM job, and one entry per attempt (start, end, how it ended)
+      checkpoints/           step-N/ folders (see checkpoint.py)
       data_trace/rankN.jsonl the examples each rank trained on (output.trace_samples)
 """
 
@@ -23,20 +26,46 @@ from sft_scale.io_utils import atomic_dir, atomic_write_json, atomic_write_text
 FINISHED_MARKERS = ("adapter", "model")
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    done = [m for m in FINISHED_MARKERS if (out_dir / m).exists()]
-    if done and not overwrite:
-        raise ConfigError(f"output dir {out_dir} already holds a finished run ({done[0]}/). "
-                          "Choose another --output-dir, or --set output.overwrite=true to "
-                          "replace it.")
+def finished_run(out_dir: Path) -> dict | None:
+    """The manifest of a run that completed in `out_dir`, if any."""
+    m = read_manifest(out_dir)
+    if m and m.get("status") == "completed" and any((out_dir / x).exists()
+                                                     for x in FINISHED_MARKERS):
+        return m
+    return None
 
 
-def start_run_dir(out_dir: Path, cfg: Config, resolved: dict, ds_config: dict | None) -> None:
+def refuse_finished(out_dir: Path) -> None:
+    raise ConfigError(f"output dir {out_dir} already holds a finished run of another config. "
+                      "Choose another --output-dir, or --set output.overwrite=true to replace it.")
+
+
+def start_run_dir(out_dir: Path, cfg: Config, resolved: dict, ds_config: dict | None,
+                  resume_step: int | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.resolved.yaml", dump_yaml(cfg, resolved))
     if ds_config is not None:
         atomic_write_json(out_dir / "deepspeed.resolved.json", ds_config)
-    (out_dir / "metrics.jsonl").write_text("")
+    metrics = out_dir / "metrics.jsonl"
+    if resume_step is None or not metrics.exists():
+        metrics.write_text("")
+    else:
+        # Steps after the checkpoint will be trained again: drop their lines.
+        keep = [x for x in metrics.read_text().splitlines()
+                if x.strip() and json.loads(x)["step"] <= resume_step]
+        atomic_write_text(metrics, "".join(x + "\n" for x in keep))
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    p = out_dir / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def update_manifest(out_dir: Path, **fields) -> dict:
+    m = read_manifest(out_dir) or {}
+    m.update(fields)
+    atomic_write_json(out_dir / "manifest.json", m)
+    return m
 
 
 def finish_run_dir(out_dir: Path, summary: dict) -> None:

@@ -19,10 +19,12 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from sft_scale.config import Config, ConfigError, dump_yaml, load_config
+from sft_scale.loop import LoopState
 
 log = logging.getLogger("sft_scale")
 
@@ -38,32 +40,42 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sft_scale.checkpoint import CheckpointError
     from sft_scale.data import DataError
+    from sft_scale.preemption import PREEMPTED_EXIT_CODE
 
     try:
         cfg = load_config(args.config, args.overrides, args.output_dir)
-        run(cfg)
+        summary = run(cfg)
     except (ConfigError, DataError) as e:
         # A user-fixable problem: one clear line, not a traceback.
         kind = "config" if isinstance(e, ConfigError) else "data"
         print(f"{kind} error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 3
+    return PREEMPTED_EXIT_CODE if summary.get("ended") == "preempted" else 0
 
 
 def run(cfg: Config) -> dict:
-    """Train as the config says; returns the run summary (also saved as summary.json)."""
+    """Train as the config says; returns the run summary (also saved as summary.json).
+    `summary["ended"]` is "completed", "preempted" (checkpoint written) or "already_completed"."""
     from accelerate.utils import set_seed
 
+    from sft_scale import checkpoint as ckpt
     from sft_scale import outputs
     from sft_scale.data import GlobalBatchSampler, build_datasets
     from sft_scale.distributed import describe, make_accelerator
-    from sft_scale.preflight import resolve_deepspeed
-    from sft_scale.loop import (build_optimizer, build_scheduler, total_steps, train_loop)
+    from sft_scale.loop import build_optimizer, build_scheduler, total_steps, train_loop
+    from sft_scale.manifest import attempt_record, git_commit, package_versions
     from sft_scale.metrics import MetricsWriter
     from sft_scale.model import count_parameters, load_model, load_tokenizer
+    from sft_scale.preemption import Preemption
+    from sft_scale.preflight import resolve_deepspeed
 
     started = time.time()
+    preemption = Preemption().install()  # early: a signal during loading must not kill us
     ds_config = resolve_deepspeed(cfg)
     accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
@@ -71,9 +83,25 @@ def run(cfg: Config) -> dict:
                         format="%(asctime)s %(levelname)s %(message)s")
     world = accelerator.num_processes
     out_dir = Path(cfg.output.dir)
-    outputs.check_output_dir(out_dir, cfg.output.overwrite)
+    stage = ds_config["zero_optimization"]["stage"] if ds_config else None
+    identity = ckpt.run_identity(cfg, world, stage)
 
-    # 1. Data, validated before anything is written.
+    # 1. Is there anything to do, and from where?
+    finished = outputs.finished_run(out_dir)
+    if finished and not cfg.output.overwrite:
+        if finished.get("identity", {}).get("config_hash") != identity["config_hash"] \
+                or cfg.checkpoint.resume == "never":
+            outputs.refuse_finished(out_dir)
+        if main_proc:
+            print(f"run in {out_dir} already completed; nothing to do", flush=True)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        return dict(summary, ended="already_completed")
+    if cfg.output.overwrite and main_proc:
+        shutil.rmtree(ckpt.checkpoint_root(out_dir), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    resume_from = None if cfg.output.overwrite else ckpt.find_resume_checkpoint(cfg, out_dir)
+
+    # 2. Data, validated before anything is written.
     tokenizer = load_tokenizer(cfg)
     with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
         train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
@@ -82,18 +110,26 @@ def run(cfg: Config) -> dict:
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
                 "total_steps": steps, "data": data_stats.as_dict(),
-                "distributed_type": accelerator.distributed_type.value,
-                "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None}
+                "distributed_type": accelerator.distributed_type.value, "zero_stage": stage}
+    resume_step = json.loads((resume_from / ckpt.STATE).read_text())["step"] if resume_from \
+        else None
     if main_proc:
         log.info(describe(accelerator))
         print("resolved config:\n" + dump_yaml(cfg, resolved), flush=True)
         log.info("global batch = %d micro x %d accumulation x %d processes = %d examples/step",
                  cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps, world,
                  resolved["global_batch_size"])
-        outputs.start_run_dir(out_dir, cfg, resolved, ds_config)
+        outputs.start_run_dir(out_dir, cfg, resolved, ds_config, resume_step)
     accelerator.wait_for_everyone()
+    attempt = attempt_record(accelerator, str(resume_from) if resume_from else None)
+    if main_proc:
+        prior = outputs.read_manifest(out_dir) or {}
+        outputs.update_manifest(
+            out_dir, status="running", identity=identity, config=cfg.to_dict(),
+            resolved=resolved, deepspeed_config=ds_config, packages=package_versions(),
+            git_commit=git_commit(), attempts=prior.get("attempts", []) + [attempt])
 
-    # 2. Model, optimizer, schedule.
+    # 3. Model, optimizer, schedule; then the checkpoint's state over them.
     set_seed(cfg.training.seed)
     model = load_model(cfg, accelerator.local_process_index)
     trainable, total = count_parameters(model)
@@ -103,8 +139,12 @@ def run(cfg: Config) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ckpt.keep_trainable_only(accelerator, model)
+    state = LoopState()
+    if resume_from is not None:
+        ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity)
 
-    # 3. The loop.
+    # 4. The loop; checkpoints on schedule and on preemption.
     grouped = cfg.data.group_by_length and not cfg.data.packing
     sampler = GlobalBatchSampler(len(train_ds), cfg.training.micro_batch_size,
                                  cfg.training.gradient_accumulation_steps, world,
@@ -113,26 +153,64 @@ def run(cfg: Config) -> dict:
     trace = outputs.sample_tracer(out_dir, accelerator.process_index, train_ds) \
         if cfg.output.trace_samples else None
     metrics = MetricsWriter(out_dir / "metrics.jsonl" if main_proc else None)
-    state = train_loop(accelerator, model, optimizer, scheduler, train_ds, sampler, cfg, steps,
-                       metrics, tokenizer.pad_token_id, trace=trace)
+    every = cfg.checkpoint.every_steps
+    debug_sleep = float(os.environ.get("SFT_SCALE_DEBUG_STEP_SLEEP", "0"))  # tests: slow steps
 
-    # 4. Save: adapter (or full model), tokenizer, probe logits, summary.
+    def on_step_end(st) -> bool:
+        if debug_sleep:
+            time.sleep(debug_sleep)
+        if preemption.requested(accelerator):
+            return True
+        if every and st.step % every == 0 and st.step < steps:
+            ckpt.save_checkpoint(accelerator, scheduler, st, identity, out_dir,
+                                 cfg.checkpoint.keep_last)
+        return False
+
+    state = train_loop(accelerator, model, optimizer, scheduler, train_ds, sampler, cfg, steps,
+                       metrics, tokenizer.pad_token_id, state=state, trace=trace,
+                       on_step_end=on_step_end)
+    preempted = state.step < steps
+    ckpt.save_checkpoint(accelerator, scheduler, state, identity, out_dir,
+                         cfg.checkpoint.keep_last, reason="preempted" if preempted else "final")
+    if preempted:
+        if main_proc:
+            attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           ended=f"preempted at step {state.step} ({', '.join(preemption.received) or 'signal on another rank'})")
+            _finish_attempt(outputs, out_dir, attempt, "preempted")
+            print(f"preempted: checkpoint at step {state.step} written; rerun the same command "
+                  "to resume", flush=True)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {"ended": "preempted", "steps": state.step}
+
+    # 5. Save: adapter (or full model), tokenizer, probe logits, summary.
     accelerator.wait_for_everyone()
     outputs.save_model(accelerator, model, tokenizer, cfg, out_dir)
     outputs.save_probe(accelerator, model, train_ds, tokenizer.pad_token_id, out_dir)
     elapsed = time.time() - started
-    summary = {"steps": state.step, "first_loss": state.losses[0] if state.losses else None,
+    summary = {"ended": "completed", "steps": state.step,
+               "first_loss": state.losses[0] if state.losses else None,
                "final_loss": state.losses[-1] if state.losses else None,
                "tokens_seen": state.tokens_seen, "seconds": round(elapsed, 2),
                "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1),
                "tokens_per_s": state.tokens_seen / max(elapsed, 1e-9),
-               "trainable_parameters": trainable, "total_parameters": total, **resolved}
+               "trainable_parameters": trainable, "total_parameters": total,
+               "resumed_from": str(resume_from) if resume_from else None, **resolved}
     if main_proc:
         outputs.finish_run_dir(out_dir, summary)
+        attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended="completed")
+        _finish_attempt(outputs, out_dir, attempt, "completed")
         print("summary: " + json.dumps(summary), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _finish_attempt(outputs, out_dir: Path, attempt: dict, status: str) -> None:
+    m = outputs.read_manifest(out_dir) or {}
+    attempts = m.get("attempts", [])
+    attempts[-1:] = [attempt]
+    outputs.update_manifest(out_dir, status=status, attempts=attempts)
 
 
 if __name__ == "__main__":

@@ -59,13 +59,17 @@ def test_lora_run_loss_falls_and_adapter_reloads_with_plain_peft(tmp_path):
     assert reload_diff(out) < 1e-4
 
 
-def test_refuses_to_overwrite_a_finished_run(tmp_path):
+def test_finished_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     run_train(out, "training.max_steps=2")
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    proc = run_train(out, "training.max_steps=2", check=False)
+    # the same command again (e.g. a requeued job) is a no-op
+    proc = run_train(out, "training.max_steps=2")
+    assert "already completed; nothing to do" in proc.stdout
+    # another config into the same folder is refused
+    proc = run_train(out, "training.max_steps=2", "training.learning_rate=1e-3", check=False)
     assert proc.returncode == 2
-    assert "already holds a finished run" in proc.stderr
+    assert "already holds a finished run of another config" in proc.stderr
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 

@@ -1,0 +1,42 @@
+"""SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit with PREEMPTED_EXIT_CODE.
+
+The handler only sets a flag, so a second signal during the save changes nothing; the ranks agree
+on stopping through an all-reduce, so they all save the same step even when only one was
+signalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# EX_TEMPFAIL: "try again later". The SLURM script requeues on it.
+PREEMPTED_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption:
+    def __init__(self):
+        self.received: list[str] = []
+
+    def install(self) -> "Preemption":
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if len(self.received) == 1:
+            log.warning("%s received: finishing this step, then checkpoint and exit", name)
+        else:
+            log.warning("%s received again: already stopping; the checkpoint is being written", name)
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank once any rank was signalled (a collective: call on all ranks)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
