@@ -78,6 +78,24 @@ def cmd_slurm(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from sft_scale.merge import merge
+
+    report = merge(args.adapter, args.out, args.base, args.dtype, args.max_shard_size,
+                   args.overwrite)
+    print(f"merged into {args.out}: max |logit diff| vs base+adapter "
+          f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']}), greedy "
+          f"generations equal: {report['greedy_generations_equal']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sft_scale.export import export
+
+    print(f"exported to {export(args.run, args.out, args.checkpoint, args.overwrite)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sft-scale", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-n", "--lines", type=int, default=50)
         p.set_defaults(func=cmd_slurm)
 
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base, verified")
+    p.add_argument("--adapter", required=True, help="OUTPUT_DIR/adapter (PEFT format)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", default=None, help="default: the adapter's base_model_name_or_path")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="clean adapter / consolidated model from a checkpoint")
+    p.add_argument("--run", required=True, help="a training output dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default=None, help="default: the newest complete one")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="tiny offline demo: evaluate, fine-tune, evaluate again")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -158,6 +192,12 @@ def main(argv=None) -> int:
         return 2
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from sft_scale.merge import MergeError
+        if not isinstance(e, MergeError):
+            raise
+        print(f"merge error: {e}", file=sys.stderr)
         return 2
 
 

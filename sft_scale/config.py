@@ -204,6 +204,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(d: dict, source: str = "<saved config>") -> Config:
+    """A Config from its `to_dict()` form (e.g. a run's manifest), validated the same way."""
+    cfg = _build(Config, {k: v for k, v in d.items() if k != "resolved"}, "", source, {})
+    validate(cfg, source)
+    return cfg
+
+
 def _section_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
 

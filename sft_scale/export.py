@@ -1,0 +1,93 @@
+"""`sft-scale export`: a clean PEFT adapter (or a consolidated model) from any checkpoint of a run,
+including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sft_scale.builtin import resolve_model_path
+from sft_scale.checkpoint import find_resume_checkpoint, verify
+from sft_scale.config import Config, ConfigError, config_from_dict
+from sft_scale.io_utils import atomic_dir
+from sft_scale.merge import check_output
+
+
+def run_config(run_dir: Path) -> Config:
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{run_dir}: no manifest.json; is this an sft_scale output dir?")
+    return config_from_dict(json.loads(manifest.read_text())["config"], str(manifest))
+
+
+def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of a checkpoint, consolidated to full fp32 tensors."""
+    ds_tag = ckpt / "pytorch_model"
+    if ds_tag.is_dir():
+        # DeepSpeed's own consolidation of (possibly ZeRO-3-partitioned) weights; it reads the
+        # engine's files with torch.load, which is acceptable only because these files are our
+        # own run's checkpoint, never a downloaded one.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
+                                                      exclude_frozen_parameters=True)
+    else:
+        from safetensors.torch import load_file
+        sd = load_file(str(ckpt / "model.safetensors"))
+    return {k.removeprefix("module."): v.float() for k, v in sd.items()}
+
+
+def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: bool = False) -> Path:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    run, out_path = Path(run_dir), Path(out)
+    cfg = run_config(run)
+    check_output(out_path, overwrite)
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        problem = verify(ckpt)
+        if problem:
+            raise ConfigError(f"{ckpt}: not a usable checkpoint: {problem}")
+    else:
+        cfg.checkpoint.resume = "auto"
+        ckpt = find_resume_checkpoint(cfg, run)
+        if ckpt is None:
+            raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
+    state = checkpoint_state_dict(ckpt)
+    base = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model_config = AutoConfig.from_pretrained(base)
+
+    with atomic_dir(out_path) as tmp:
+        if cfg.lora.enabled:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            from sft_scale.model import wrap_lora
+            # The module structure is all PEFT needs to name the adapter's tensors: meta device.
+            with init_empty_weights():
+                skeleton = wrap_lora(AutoModelForCausalLM.from_config(model_config), cfg)
+            adapter_sd = get_peft_model_state_dict(skeleton, state_dict=state)
+            if not adapter_sd or any(v.numel() == 0 for v in adapter_sd.values()):
+                raise ConfigError(f"{ckpt}: holds no adapter weights (empty tensors)")
+            save_file({k: v.contiguous() for k, v in adapter_sd.items()},
+                      str(tmp / "adapter_model.safetensors"))
+            skeleton.peft_config["default"].base_model_name_or_path = base
+            skeleton.peft_config["default"].save_pretrained(str(tmp))
+        else:
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(model_config)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            if unexpected or [m for m in missing if "lm_head" not in m or
+                              not model_config.tie_word_embeddings]:
+                raise ConfigError(f"{ckpt}: weights do not match {base} (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+            model.tie_weights()
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "export_info.json").write_text(json.dumps(
+            {"run": str(run), "checkpoint": str(ckpt), "base": base,
+             "kind": "adapter" if cfg.lora.enabled else "model"}, indent=2) + "\n")
+    return out_path

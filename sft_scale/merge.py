@@ -1,0 +1,162 @@
+"""`sft-scale merge`: fold a LoRA adapter into its base and ship a verified standalone model.
+
+The base is reloaded in 16/32-bit, never merged into int8 weights (LLM.int8 rounding would make
+the merge lossy), even when training was 8-bit. Before anything is kept, the merged model's logits
+are compared with base+adapter at the same precision, and greedy generations too. Output is
+written to a temporary sibling folder and renamed into place only after it verified and
+reloaded, so a failure leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sft_scale.builtin import resolve_model_path
+from sft_scale.config import ConfigError
+from sft_scale.io_utils import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Max |merged - (base+adapter)| logits allowed: merging changes the order of additions only.
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.1}
+PROBE_PROMPTS = ["Review: the soup was awful\nSentiment:", "Hello, my name is",
+                 "The capital of France is"]
+
+
+class MergeError(RuntimeError):
+    """Merging or exporting failed; nothing was written."""
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty; pass --overwrite to replace it, or choose "
+                          "another --out")
+
+
+def check_disk(out: Path, need_bytes: int) -> None:
+    parent = out.parent if not out.exists() else out
+    parent = next(p for p in [parent, *parent.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes * 1.05:
+        raise ConfigError(f"not enough disk for the merged model in {parent}: it needs about "
+                          f"{need_bytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free. Free "
+                          "space or choose another --out.")
+
+
+def param_count(base: str) -> int:
+    """Parameters of the base from its config alone (meta device, no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    return sum(p.numel() for p in model.parameters())
+
+
+def read_adapter(adapter_dir: Path) -> dict:
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors")
+               if not (adapter_dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"{adapter_dir}: not a PEFT adapter folder, missing {missing}. Point "
+                          "--adapter at OUTPUT_DIR/adapter, or export one with sft-scale export.")
+    return json.loads((adapter_dir / "adapter_config.json").read_text())
+
+
+def _probe_inputs(tokenizer) -> dict:
+    enc = tokenizer(PROBE_PROMPTS, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@torch.no_grad()
+def _logits_and_greedy(model, inputs, tokenizer) -> tuple[torch.Tensor, list[list[int]]]:
+    model.eval()
+    logits = model(**inputs).logits.float()
+    gen = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return logits, gen[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp32",
+          max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, out_path = Path(adapter_dir), Path(out)
+    acfg = read_adapter(adapter)
+    check_output(out_path, overwrite)
+    base_path = resolve_model_path(base or acfg["base_model_name_or_path"])
+    check_disk(out_path, param_count(base_path) * DTYPES[dtype].itemsize)
+
+    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
+                                                 use_safetensors=True)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise MergeError(f"adapter {adapter} does not fit base {base_path}: shapes differ "
+                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
+                             "The adapter was trained on another base; pass the right --base.") from None
+        raise
+    inputs = _probe_inputs(tokenizer)
+    ref_logits, ref_gen = _logits_and_greedy(model, inputs, tokenizer)
+    merged = model.merge_and_unload()
+    logits, gen = _logits_and_greedy(merged, inputs, tokenizer)
+    mask = inputs["attention_mask"].bool()
+    diff = (logits[mask] - ref_logits[mask]).abs().max().item()
+    report = {"base": base_path, "adapter": str(adapter), "dtype": dtype,
+              "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype],
+              "greedy_generations_equal": gen == ref_gen}
+    log.info("merge verification: %s", report)
+    if diff > TOLERANCE[dtype]:
+        raise MergeError(f"merged model disagrees with base+adapter: max |logit diff| {diff:.3g} "
+                         f"> {TOLERANCE[dtype]} ({dtype}); nothing was written")
+    if gen != ref_gen:
+        log.warning("greedy generations differ between merged and base+adapter (near-tied "
+                    "logits at %s precision); logits agree within tolerance", dtype)
+
+    with atomic_dir(out_path) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(report, adapter))
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        # Reload what was written (all shards) before it replaces anything.
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype])
+        check, _ = _logits_and_greedy(reloaded, inputs, tokenizer)
+        if not torch.equal(check, logits):
+            raise MergeError("the saved merged model does not reload to the merged logits; "
+                             "nothing was written")
+    return report
+
+
+def model_card(report: dict, adapter: Path) -> str:
+    run = adapter.parent
+    lines = ["# Merged model (sft_scale)", "",
+             f"- base: `{report['base']}`", f"- adapter: `{report['adapter']}`",
+             f"- precision: {report['dtype']}",
+             f"- verification: max |logit diff| vs base+adapter = {report['max_abs_logit_diff']:.3g}"
+             f" (tolerance {report['tolerance']}); greedy generations equal: "
+             f"{report['greedy_generations_equal']}"]
+    manifest = run / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        data = m.get("config", {}).get("data", {})
+        lines += [f"- training data: {data.get('train_files') or data.get('datasets')}",
+                  f"- training config: see `config` in {manifest}"]
+    summary = run / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        lines += [f"- final training loss: {s.get('final_loss')}", f"- steps: {s.get('steps')}"]
+    return "\n".join(lines) + "\n"
