@@ -154,7 +154,7 @@ def save_checkpoint(accelerator, scheduler, state, identity: dict, out_dir: Path
         if main:
             atomic_write_json(tmp / STATE, {
                 "step": state.step, "tokens_seen": state.tokens_seen,
-                "slots_seen": state.slots_seen, "losses": state.losses,
+                "slots_seen": state.slots_seen, "losses": state.losses, "best": state.best,
                 "scheduler": _json_safe(scheduler.state_dict()), "identity": identity,
                 "reason": reason, "saved_at": time.time()})
     except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
@@ -269,6 +269,7 @@ def load_checkpoint(accelerator, path: Path, scheduler, state, identity: dict) -
     state.tokens_seen = saved["tokens_seen"]
     state.slots_seen = saved["slots_seen"]
     state.losses = list(saved["losses"])
+    state.best = saved.get("best")
     log.info("resumed from %s at step %d", path, state.step)
 
 

@@ -96,6 +96,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from sft_scale.config import DatasetSource, load_config
+    from sft_scale.demo import DEMO_CONFIG
+    from sft_scale.evaluate import eval_before_after, format_table
+
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    cfg.model.name_or_path = args.model
+    cfg.eval.max_new_tokens = args.max_new_tokens
+    cfg.eval.max_examples = args.max_examples
+    result = eval_before_after(cfg, args.adapter, [DatasetSource(path=str(Path(args.data).absolute()))])
+    print(format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sft-scale", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -175,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="default: the newest complete one")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="generation metrics of a base, and of base+adapter")
+    p.add_argument("--model", required=True, help="base model: folder, hub id or builtin:NAME")
+    p.add_argument("--adapter", default=None, help="a PEFT adapter folder (the 'after' column)")
+    p.add_argument("--data", required=True, help="held-out records (any supported format)")
+    p.add_argument("--config", default=None, help="for data/template settings (optional)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-examples", type=int, default=200)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="tiny offline demo: evaluate, fine-tune, evaluate again")
     p.add_argument("--output-dir", default="runs/demo")

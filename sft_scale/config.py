@@ -138,12 +138,34 @@ class DistributedConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 16
+    every_steps: int = 0  # 0: evaluate at the end only (when there is eval data)
+    micro_batch_size: int = 8
+    # Which eval metric picks the best adapter (saved to OUTPUT_DIR/best_adapter): eval_loss
+    # (lower is better) or, for classification, accuracy / f1 (higher is better).
+    metric: Literal["eval_loss", "accuracy", "f1"] = "eval_loss"
+    max_new_tokens: int = 16  # generation-based evaluation (sft-scale eval, the demo)
     max_examples: int = 200
 
 
 @dataclass
+class ClassificationConfig:
+    # Label names in head order; empty: the sorted distinct labels of the training data.
+    labels: list[str] = field(default_factory=list)
+    # auto: multi_label when labels are lists, else single_label (binary when 2 labels).
+    problem_type: Literal["auto", "single_label", "multi_label"] = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True  # event files in OUTPUT_DIR/tensorboard
+    wandb: bool = False  # when installed; project from WANDB_PROJECT
+    plot: bool = True  # OUTPUT_DIR/loss.png at the end
+
+
+@dataclass
 class Config:
+    # causal_lm: generate answers (SFT). classification: a sequence-classification head.
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -153,6 +175,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Where the config came from; paths in it are resolved against this file's folder.
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
@@ -383,6 +407,8 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         (t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0"),
         (t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables clipping)"),
         (t.logging_steps >= 1, "training.logging_steps", "must be >= 1"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0"),
+        (cfg.eval.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
         (cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8"),
@@ -400,6 +426,12 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise ConfigError(f"{src}: 'quantization.load_in_8bit' with 'lora.enabled: false' would "
                           "fine-tune frozen int8 weights. Enable LoRA, or drop 8-bit for full "
                           "fine-tuning.")
+    if cfg.task == "classification" and cfg.data.packing:
+        raise ConfigError(f"{src}: 'data.packing' is for causal_lm: a classification head reads "
+                          "one example per row. Set data.packing: false.")
+    if cfg.task == "causal_lm" and cfg.eval.metric in ("accuracy", "f1"):
+        raise ConfigError(f"{src}: 'eval.metric: {cfg.eval.metric}' needs task: classification; "
+                          "use eval_loss for causal_lm")
     if cfg.distributed.zero is not None and cfg.distributed.zero not in (0, 1, 2, 3):
         raise ConfigError(f"{src}: 'distributed.zero' must be 0, 1, 2 or 3")
     if cfg.distributed.offload and cfg.distributed.zero not in (2, 3) \

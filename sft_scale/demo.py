@@ -9,46 +9,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sft_scale.config import Config, load_config
+from sft_scale.config import load_config
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.yaml"
 
 
-def _eval_records(cfg: Config) -> list[dict]:
-    from sft_scale.data import load_examples
-    from sft_scale.data.pipeline import eval_sources
-
-    examples = [json.loads(e) for e in load_examples(eval_sources(cfg), cfg)["example"]]
-    return [{"prompt": e["prompt"], "answer": e["completion"]}
-            for e in examples[: cfg.eval.max_examples] if e["kind"] == "completion"]
-
-
-def evaluate_checkpoint(cfg: Config, adapter_dir: Path | None) -> dict:
-    """Exact match of the base (adapter_dir None) or base+adapter, loaded the plain peft way."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from sft_scale.builtin import resolve_model_path
-    from sft_scale.evaluate import evaluate_generation
-    from sft_scale.model import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path),
-                                                 dtype=torch.float32, use_safetensors=True)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return evaluate_generation(model, tokenizer, _eval_records(cfg), cfg.eval.max_new_tokens)
-
-
 def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
+    from sft_scale.data.pipeline import eval_sources
+    from sft_scale.evaluate import eval_before_after
     from sft_scale.train import run
 
     # The demo may be rerun into the same folder: it replaces its own previous result.
     cfg = load_config(DEMO_CONFIG, ["output.overwrite=true"] + list(overrides or []), output_dir)
-    before = evaluate_checkpoint(cfg, None)
+    before = eval_before_after(cfg, None, eval_sources(cfg))["before"]
     summary = run(cfg)
-    after = evaluate_checkpoint(cfg, Path(cfg.output.dir) / "adapter")
+    after = eval_before_after(cfg, str(Path(cfg.output.dir) / "adapter"),
+                              eval_sources(cfg))["after"]
     report = {"metric": "exact_match", "held_out_examples": after["n"],
               "before": before["exact_match"], "after": after["exact_match"],
               "train_steps": summary["steps"], "train_seconds": summary["seconds"],

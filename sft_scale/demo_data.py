@@ -83,12 +83,25 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def classification_examples(seed: int = 2) -> tuple[list, list]:
+    """The same held-out design as text + label records, for the classification head."""
+    train, ev = make_examples(seed=seed, n_train=400, n_eval=100)
+
+    def conv(rows):
+        return [{"text": r["prompt"].split("\n")[0].removeprefix("Review: "),
+                 "label": r["answer"].strip()} for r in rows]
+    return conv(train), conv(ev)
+
+
 def main() -> None:  # python -m sft_scale.demo_data [OUT_DIR] regenerates the shipped files
     import sys
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "sft_scale/assets")
     train, ev = make_examples()
     write_jsonl(train, out / "demo_train.jsonl")
     write_jsonl(ev, out / "demo_eval.jsonl")
+    train, ev = classification_examples()
+    write_jsonl(train, out / "sentiment_train.jsonl")
+    write_jsonl(ev, out / "sentiment_eval.jsonl")
 
 
 if __name__ == "__main__":

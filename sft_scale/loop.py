@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sft_scale.config import Config
-from sft_scale.data import IGNORE_INDEX, GlobalBatchSampler, collate, collate_packed
+from sft_scale.data import GlobalBatchSampler
 from sft_scale.data.collate import padding_stats
 from sft_scale.metrics import MetricsWriter
 
@@ -51,11 +51,12 @@ class LoopState:
     step: int = 0
     tokens_seen: int = 0  # real (non-pad) input tokens, all ranks
     slots_seen: int = 0  # computed token slots (real + padding), all ranks
+    best: dict | None = None  # best eval so far: {"step", "metric", "value"}
     losses: list[float] = field(default_factory=list)
 
 
 def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: GlobalBatchSampler,
-               cfg: Config, steps: int, metrics: MetricsWriter, pad_token_id: int,
+               cfg: Config, steps: int, metrics: MetricsWriter, pad_token_id: int, task,
                state: LoopState | None = None, trace=None, on_step_end=None) -> LoopState:
     """Train until `steps` (or until `on_step_end(state)` returns True, e.g. on preemption)."""
     from tqdm.auto import tqdm
@@ -67,16 +68,16 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
                desc="train", dynamic_ncols=True)
     model.train()
     t_last, tokens_last = time.perf_counter(), state.tokens_seen
-    collate_fn = collate_packed if cfg.data.packing else collate
     while state.step < steps:
-        micro = [collate_fn([dataset[i] for i in idx], pad_token_id)
+        micro = [task.collate([dataset[i] for i in idx], pad_token_id)
                  for idx in sampler.micro_batches(state.step)]
         if trace is not None:
             trace(state.step, sampler.micro_batches(state.step))
-        # Normalise by the trained tokens of the whole global batch (all micro-batches, all ranks),
+        # Normalise by the trained items (tokens, or examples for classification) of the whole
+        # global batch (all micro-batches, all ranks),
         # so the gradient is the same however the batch is split across ranks and accumulation.
         pads = [padding_stats(b) for b in micro]
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+        counts = torch.tensor([sum(task.count(b) for b in micro),
                                sum(r for r, _ in pads), sum(s for _, s in pads)],
                               device=accelerator.device)
         n_trained, n_real, n_slots = accelerator.reduce(counts, reduction="sum").tolist()
@@ -84,11 +85,11 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
         for batch in micro:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                out = model(**batch, use_cache=False, num_items_in_batch=max(n_trained, 1))
+                loss = task.loss(model, batch, n_trained)
                 # accelerator.backward divides by accumulation steps and DDP/ZeRO average over
-                # ranks; undo both so the summed gradient is per trained token.
-                accelerator.backward(out.loss * scale)
-                step_loss += out.loss.detach()
+                # ranks; undo both so the summed gradient is per trained item.
+                accelerator.backward(loss * scale)
+                step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()

@@ -1,15 +1,32 @@
-"""metrics.jsonl: one JSON line per logged step, written by the main process only."""
+"""metrics.jsonl (one JSON line per logged step), TensorBoard event files and wandb when asked
+for; written by the main process only."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None = None,
+                 wandb_config: dict | None = None):
         self.path = path
         self.records: list[dict] = []
+        self.tb = None
+        self.wandb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(tensorboard_dir))
+        if wandb_config is not None:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("logging.wandb is on but wandb is not installed; skipping it")
+            else:
+                self.wandb = wandb.init(config=wandb_config, resume="allow")
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -17,7 +34,45 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(("eval/" if k.startswith("eval") or k in ("perplexity", "accuracy", "f1") else "train/") + k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> None:
+    """loss.png: the training loss per step and the eval loss where it was measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{metrics_path.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -31,9 +31,12 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def load_model(cfg: Config, device_index: int | None = None):
-    """The causal LM, quantized and wrapped with LoRA as the config says, ready for training."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_model(cfg: Config, device_index: int | None = None, labels: list[str] | None = None,
+               problem: str | None = None, pad_token_id: int | None = None):
+    """The model, quantized and wrapped with LoRA as the config says, ready for training: a causal
+    LM, or for task: classification a sequence-classification head over `labels`."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              BitsAndBytesConfig)
 
     path = resolve_model_path(cfg.model.name_or_path)
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
@@ -44,7 +47,18 @@ def load_model(cfg: Config, device_index: int | None = None):
             load_in_8bit=True, llm_int8_threshold=cfg.quantization.llm_int8_threshold)
         # bitsandbytes quantizes while placing weights, so each rank loads onto its own device.
         kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.task == "classification":
+        # Binary: one logit with BCE; otherwise one logit per label.
+        # (A binary head's single logit scores the second label; id2label must say so, since
+        # transformers derives num_labels from it.)
+        names = labels[1:] if problem == "binary" else labels
+        kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
+                      label2id={n: i for i, n in enumerate(names)},
+                      problem_type="multi_label_classification" if problem == "multi_label"
+                      else "single_label_classification", pad_token_id=pad_token_id)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quantization.load_in_8bit:
         n8 = sum(type(m).__name__ == "Linear8bitLt" for m in model.modules())
         if n8 == 0:
@@ -75,7 +89,8 @@ def wrap_lora(model, cfg: Config):
 
     lc = cfg.lora
     peft_cfg = LoraConfig(
-        task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+        # SEQ_CLS makes PEFT train and save the new classification head with the adapter.
+        task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
         target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
         bias=lc.bias)
     try:

@@ -5,7 +5,9 @@
       deepspeed.resolved.json the DeepSpeed config as used (every "auto" resolved)
       metrics.jsonl          one line per logged step
       adapter/               PEFT adapter (+ tokenizer)   |  model/  for full fine-tuning
+      best_adapter/          the adapter (or model) with the best eval.metric so far
       probe.safetensors      input ids and the final model's logits on them (reload checks)
+      loss.png               train and eval loss curves; tensorboard/ event files
       summary.json           final numbers
       manifest.json          what ran where: config, DeepSpeed JSON, versions, git commit, hosts,
                              SLURM job, and one entry per attempt (start, end, how it ended)
@@ -84,11 +86,12 @@ def sample_tracer(out_dir: Path, rank: int, dataset):
     return trace
 
 
-def save_model(accelerator, model, tokenizer, cfg: Config, out_dir: Path) -> Path:
+def save_model(accelerator, model, tokenizer, cfg: Config, out_dir: Path,
+               name: str | None = None) -> Path:
     """Adapter (LoRA) or full model as safetensors; under ZeRO-3 every rank must take part,
     because the partitioned weights are gathered collectively."""
     state_dict = accelerator.get_state_dict(model)
-    target = out_dir / ("adapter" if cfg.lora.enabled else "model")
+    target = out_dir / (name or ("adapter" if cfg.lora.enabled else "model"))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with atomic_dir(target) as tmp:

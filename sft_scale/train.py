@@ -67,6 +67,9 @@ def run(cfg: Config) -> dict:
     from sft_scale import outputs
     from sft_scale.data import GlobalBatchSampler, build_datasets
     from sft_scale.distributed import describe, make_accelerator
+    from sft_scale.eval_loop import evaluate, improved
+    from sft_scale.metrics import plot_losses
+    from sft_scale.tasks import causal_lm, classification
     from sft_scale.loop import build_optimizer, build_scheduler, total_steps, train_loop
     from sft_scale.manifest import attempt_record, git_commit, package_versions
     from sft_scale.metrics import MetricsWriter
@@ -106,7 +109,14 @@ def run(cfg: Config) -> dict:
     with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
         train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
     steps = total_steps(cfg, len(train_ds), world)
-    resolved = {"world_size": world, "global_batch_size": cfg.global_batch_size(world),
+    labels = data_stats.labels
+    if cfg.task == "classification":
+        multi = isinstance(train_ds[0]["label"], list)
+        problem = "multi_label" if multi else ("binary" if len(labels) == 2 else "single_label")
+        task = classification(len(labels), problem)
+    else:
+        problem, task = None, causal_lm(cfg.data.packing)
+    resolved = {"task": cfg.task, "problem": problem,"world_size": world, "global_batch_size": cfg.global_batch_size(world),
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
                 "total_steps": steps, "data": data_stats.as_dict(),
@@ -131,7 +141,8 @@ def run(cfg: Config) -> dict:
 
     # 3. Model, optimizer, schedule; then the checkpoint's state over them.
     set_seed(cfg.training.seed)
-    model = load_model(cfg, accelerator.local_process_index)
+    model = load_model(cfg, accelerator.local_process_index, labels, problem,
+                       tokenizer.pad_token_id)
     trainable, total = count_parameters(model)
     if main_proc:
         log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
@@ -152,8 +163,25 @@ def run(cfg: Config) -> dict:
                                  lengths=list(train_ds["length"]) if grouped else None)
     trace = outputs.sample_tracer(out_dir, accelerator.process_index, train_ds) \
         if cfg.output.trace_samples else None
-    metrics = MetricsWriter(out_dir / "metrics.jsonl" if main_proc else None)
+    metrics = MetricsWriter(
+        out_dir / "metrics.jsonl" if main_proc else None,
+        out_dir / "tensorboard" if main_proc and cfg.logging.tensorboard else None,
+        cfg.to_dict() if main_proc and cfg.logging.wandb else None)
     every = cfg.checkpoint.every_steps
+
+    def run_eval(st) -> dict | None:
+        if eval_ds is None:
+            return None
+        res = evaluate(accelerator, model, eval_ds, task, cfg.eval.micro_batch_size,
+                       tokenizer.pad_token_id, len(labels or []), problem or "")
+        metrics.write({"step": st.step, **res})
+        if main_proc:
+            log.info("eval at step %d: %s", st.step, json.dumps(res))
+        value = res[cfg.eval.metric]
+        if improved(cfg.eval.metric, value, st.best):
+            st.best = {"step": st.step, "metric": cfg.eval.metric, "value": value}
+            outputs.save_model(accelerator, model, tokenizer, cfg, out_dir, name="best_adapter")
+        return res
     debug_sleep = float(os.environ.get("SFT_SCALE_DEBUG_STEP_SLEEP", "0"))  # tests: slow steps
 
     def on_step_end(st) -> bool:
@@ -161,15 +189,18 @@ def run(cfg: Config) -> dict:
             time.sleep(debug_sleep)
         if preemption.requested(accelerator):
             return True
+        if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < steps:
+            run_eval(st)
         if every and st.step % every == 0 and st.step < steps:
             ckpt.save_checkpoint(accelerator, scheduler, st, identity, out_dir,
                                  cfg.checkpoint.keep_last)
         return False
 
     state = train_loop(accelerator, model, optimizer, scheduler, train_ds, sampler, cfg, steps,
-                       metrics, tokenizer.pad_token_id, state=state, trace=trace,
+                       metrics, tokenizer.pad_token_id, task, state=state, trace=trace,
                        on_step_end=on_step_end)
     preempted = state.step < steps
+    final_eval = None if preempted else run_eval(state)
     ckpt.save_checkpoint(accelerator, scheduler, state, identity, out_dir,
                          cfg.checkpoint.keep_last, reason="preempted" if preempted else "final")
     if preempted:
@@ -195,8 +226,12 @@ def run(cfg: Config) -> dict:
                "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1),
                "tokens_per_s": state.tokens_seen / max(elapsed, 1e-9),
                "trainable_parameters": trainable, "total_parameters": total,
-               "resumed_from": str(resume_from) if resume_from else None, **resolved}
+               "resumed_from": str(resume_from) if resume_from else None,
+               "eval": final_eval, "best": state.best, **resolved}
+    metrics.close()
     if main_proc:
+        if cfg.logging.plot:
+            plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
         outputs.finish_run_dir(out_dir, summary)
         attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended="completed")
         _finish_attempt(outputs, out_dir, attempt, "completed")

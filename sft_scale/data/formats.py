@@ -53,7 +53,16 @@ def _need(rec: dict, fmt: str, keys: tuple[str, ...]) -> None:
 
 
 def to_example(rec: dict, fmt: str, prompt_field: str | None = None,
-               answer_field: str | None = None, system_prompt: str | None = None) -> dict:
+               answer_field: str | None = None, system_prompt: str | None = None,
+               task: str = "causal_lm") -> dict:
+    if task == "classification":
+        if fmt != "classification":
+            raise DataError(f"{rec['_source']}: task: classification needs records with 'text' "
+                            f"and 'label', this one is format {fmt!r}")
+        _need(rec, fmt, ("text",))
+        if rec.get("label") is None:
+            raise DataError(f"{rec['_source']}: classification record has no label")
+        return {"kind": "classification", "text": rec["text"], "label": rec["label"]}
     if fmt == "alpaca":
         _need(rec, fmt, ("instruction", "output"))
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")

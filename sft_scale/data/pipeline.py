@@ -28,6 +28,7 @@ class DataStats:
     dropped_too_long: int = 0
     dropped_no_trainable: int = 0
     eval_examples: int = 0
+    labels: list | None = None  # classification: label names in head order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +57,7 @@ def load_examples(sources: list[DatasetSource], cfg: Config):
         d = cfg.data
         # Stored as JSON text: chats and completions have different shapes, one arrow column each.
         ds = ds.map(lambda r: {"example": json.dumps(to_example(
-                        r, fmt, d.prompt_field, d.answer_field, d.system_prompt))},
+                        r, fmt, d.prompt_field, d.answer_field, d.system_prompt, cfg.task))},
                     remove_columns=[c for c in ds.column_names if c != SOURCE_COLUMN],
                     num_proc=_procs(cfg, ds), desc=f"format {fmt}: {src.path}")
         log.info("data: %s -> %d records, format %s", src.path, len(ds), fmt)
@@ -69,9 +70,45 @@ def _procs(cfg: Config, ds) -> int | None:
     return n if n > 1 else None
 
 
-def encode_dataset(ds, tokenizer, cfg: Config):
+def label_names(ds, cfg: Config) -> list[str]:
+    """Classification labels in head order: configured, else sorted distinct training labels."""
+    if cfg.classification.labels:
+        return list(cfg.classification.labels)
+    seen = set()
+    for e in ds["example"]:
+        lab = json.loads(e)["label"]
+        seen.update(str(x) for x in lab) if isinstance(lab, list) else seen.add(str(lab))
+    return sorted(seen)
+
+
+def _label_index(label, names: list[str], multi: bool, binary: bool):
+    def idx(x):
+        if str(x) not in names:
+            raise DataError(f"label {x!r} is not one of the labels {names} "
+                            "(classification.labels)")
+        return names.index(str(x))
+    if multi:
+        hot = [0] * len(names)
+        for x in (label if isinstance(label, list) else [label]):
+            hot[idx(x)] = 1
+        return hot
+    return idx(label)
+
+
+def encode_dataset(ds, tokenizer, cfg: Config, labels: list[str] | None = None):
     template = resolve_template(tokenizer, cfg.data.chat_template)
     d = cfg.data
+    if cfg.task == "classification":
+        multi = cfg.classification.problem_type == "multi_label" or (
+            cfg.classification.problem_type == "auto"
+            and isinstance(json.loads(ds[0]["example"])["label"], list))
+
+        def enc(r):
+            ex = json.loads(r["example"])
+            ex["label_index"] = _label_index(ex["label"], labels, multi, len(labels) == 2)
+            return encode_example(tokenizer, ex, d.max_seq_len)
+        return ds.map(enc, remove_columns=["example"], num_proc=_procs(cfg, ds),
+                      desc="tokenize")
     return ds.map(lambda r: encode_example(tokenizer, json.loads(r["example"]), d.max_seq_len,
                                            template,
                                            d.train_on_inputs, d.truncation),
@@ -90,9 +127,11 @@ def build_datasets(cfg: Config, tokenizer):
             raise DataError(f"data.eval_fraction={cfg.data.eval_fraction} leaves no training "
                             f"records of {len(train)}")
         eval_ds, train = train.select(range(n_eval)), train.select(range(n_eval, len(train)))
-    train, stats = _finish(encode_dataset(train, tokenizer, cfg), "training")
+    labels = label_names(train, cfg) if cfg.task == "classification" else None
+    train, stats = _finish(encode_dataset(train, tokenizer, cfg, labels), "training")
+    stats.labels = labels
     if eval_ds is not None:
-        eval_ds, _ = _finish(encode_dataset(eval_ds, tokenizer, cfg), "eval")
+        eval_ds, _ = _finish(encode_dataset(eval_ds, tokenizer, cfg, labels), "eval")
         stats.eval_examples = len(eval_ds)
     return train, eval_ds, stats
 

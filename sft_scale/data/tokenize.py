@@ -39,6 +39,13 @@ def encode_example(tokenizer, ex: dict, max_seq_len: int, template: str | None =
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
     elif ex["kind"] == "chat":
         ids, labels = _encode_chat(tokenizer, template, ex["messages"])
+    elif ex["kind"] == "classification":
+        # EOS last: the head reads the final token, which then always means "end of text".
+        ids = _bos(tokenizer) + tokenizer(ex["text"], add_special_tokens=False)["input_ids"]
+        ids = ids[:max_seq_len - 1] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "length": len(ids),
+                "original_length": len(ids), "truncated": False, "n_trained": 1,
+                "label": ex["label_index"]}
     else:
         raise ValueError(f"unknown example kind {ex['kind']!r}")
     if train_on_inputs:
