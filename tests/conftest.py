@@ -58,3 +58,8 @@ def _free_port() -> int:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def train_metrics(out: Path) -> list[dict]:
+    """The per-step training records of metrics.jsonl (eval records have eval_loss instead)."""
+    return [m for m in read_jsonl(Path(out) / "metrics.jsonl") if "loss" in m]

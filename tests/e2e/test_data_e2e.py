@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl, run_train
+from tests.conftest import train_metrics, ROOT, read_jsonl, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_chat_data_trains_packed_with_full_padding_efficiency(tmp_path):
                        "  chat_template: chatml\n")
     out = tmp_path / "run"
     run_train(out, config=cfg)
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = train_metrics(out)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert metrics[-1]["padding_efficiency"] == 1.0
     summary = json.loads((out / "summary.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train
+from tests.conftest import train_metrics, DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def ds_launch(stage: str) -> list[str]:
 
 
 def losses(out):
-    return [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    return [m["loss"] for m in train_metrics(out)]
 
 
 def adapter(out):

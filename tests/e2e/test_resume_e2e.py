@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_CONFIG, ROOT, TRAIN, _free_port, read_jsonl, run_train
+from tests.conftest import train_metrics, DEMO_CONFIG, ROOT, TRAIN, _free_port, read_jsonl, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def finish(out, nproc=1, stage=None):
 
 
 def losses(out):
-    return [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    return [m["loss"] for m in train_metrics(out)]
 
 
 def adapter(out):
@@ -107,7 +107,7 @@ def test_sigterm_at_a_random_step_checkpoints_exits_75_and_resumes_exactly(refer
     out = tmp_path / "preempted"
     proc = start(out)
     k = random.Random().randint(1, 6)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_jsonl(out / "metrics.jsonl")) >= k, proc)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(train_metrics(out)) >= k, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGUSR1)  # a second signal during the save changes nothing

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl, run_train
+from tests.conftest import train_metrics, ROOT, read_jsonl, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def reload_diff(out, eight_bit=False) -> float:
 def test_lora_run_loss_falls_and_adapter_reloads_with_plain_peft(tmp_path):
     out = tmp_path / "run"
     proc = run_train(out, "training.max_steps=12", "training.logging_steps=1")
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = train_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
@@ -78,7 +78,7 @@ def test_8bit_lora_with_gradient_checkpointing(tmp_path):
     proc = run_train(out, "quantization.load_in_8bit=true", "training.gradient_checkpointing=true",
                      "training.max_steps=12")
     assert "Linear8bitLt layers" in proc.stderr
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = train_metrics(out)
     assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
     # Reloaded onto an 8-bit base in a fresh process, the adapter gives training's final logits.
     assert reload_diff(out, eight_bit=True) < 1e-3
@@ -111,8 +111,8 @@ def test_two_processes_get_different_examples_and_match_accumulation(tmp_path):
     one = tmp_path / "one"
     run_train(one, "training.max_steps=4", "training.micro_batch_size=4",
               "training.gradient_accumulation_steps=2")
-    l2 = [m["loss"] for m in read_jsonl(two / "metrics.jsonl")]
-    l1 = [m["loss"] for m in read_jsonl(one / "metrics.jsonl")]
+    l2 = [m["loss"] for m in train_metrics(two)]
+    l1 = [m["loss"] for m in train_metrics(one)]
     assert l1 == pytest.approx(l2, rel=1e-4)
 
 
