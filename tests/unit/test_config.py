@@ -91,3 +91,11 @@ def test_global_batch(tmp_path):
     cfg = load_config(write(tmp_path, BASE + "training:\n  micro_batch_size: 4\n"
                                              "  gradient_accumulation_steps: 8\n"))
     assert cfg.global_batch_size(world_size=16) == 4 * 8 * 16
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "classification.yaml",
+                                  "llama3_8b_lora_8bit_zero2.yaml"])
+def test_shipped_example_configs_are_valid(name):
+    from tests.conftest import ROOT
+    cfg = load_config(ROOT / "examples" / name)
+    assert cfg.data.train_files or cfg.data.datasets
