@@ -112,9 +112,17 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(cluste
     # What Slurm does --signal seconds before the time limit, sent now.
     cluster.run("scancel", "--signal=USR1", jid)
 
+    pending_since = []
+
     def hurry(info):
-        # Slurm holds a requeued job for a while before it is eligible again; skip the wait.
-        if info.get("JobState") == "PENDING" and info.get("Restarts") == "1":
+        # Slurm holds a requeued job for a while before it is eligible again; skip most of the
+        # wait, but only once the old allocation is fully released (both nodes idle, a few
+        # seconds on): starting at once races the revocation of the old job credential.
+        if info.get("JobState") != "PENDING" or info.get("Restarts") != "1":
+            return
+        pending_since.append(time.time())
+        nodes = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
+        if time.time() - pending_since[0] > 5 and nodes and all(n == "idle" for n in nodes):
             cluster.run("scontrol", "update", f"JobId={jid}", "StartTime=now", check=False)
 
     info = wait_state(cluster, jid, while_waiting=hurry)
