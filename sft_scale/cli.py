@@ -12,6 +12,14 @@ from pathlib import Path
 from sft_scale.config import ConfigError
 from sft_scale.data.sources import DataError
 
+def _zero_arg(text: str):
+    if text == "auto":
+        return text
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"expected 0, 1, 2, 3 or auto, got {text!r}")
+    return int(text)
+
+
 def cmd_train(args) -> int:
     from sft_scale.config import load_config
     from sft_scale.launch import Layout, launch_command
@@ -38,6 +46,45 @@ def cmd_train(args) -> int:
         return 0
     # Run accelerate from this interpreter's environment, whatever is first on PATH.
     return subprocess.call([sys.executable, "-m", "accelerate.commands.launch"] + cmd[2:])
+
+
+def cmd_plan(args) -> int:
+    from sft_scale.config import load_config
+    from sft_scale.plan import estimate, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    plan = estimate(cfg, args.gpus_per_node * args.nodes, _memory_arg(args.gpu_memory),
+                    micro_batch=args.micro_batch)
+    print(json.dumps(plan, indent=2) if args.json else format_table(plan))
+    # Exit 1 unless the configured micro-batch fits somewhere: scripts can gate a submission on it.
+    return 0 if any(r["fits"] for r in plan["rows"]) else 1
+
+
+def _memory_arg(text: str) -> int:
+    from sft_scale.plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ConfigError(f"--gpu-memory: {e}") from None
+
+
+def cmd_check(args) -> int:
+    from sft_scale.check import run_check
+    from sft_scale.config import load_config
+    from sft_scale.launch import Layout
+
+    cfg = load_config(args.config, args.overrides, args.output_dir)
+    layout = Layout(nproc_per_node=args.gpus_per_node, nodes=args.nodes,
+                    master_addr=args.master_addr, zero=args.zero if args.zero is not None else cfg.distributed.zero,
+                    offload=args.offload or cfg.distributed.offload,
+                    deepspeed_config=args.deepspeed_config or cfg.distributed.deepspeed_config)
+    report = run_check(args.config, args.overrides, args.output_dir, layout,
+                       gpu_memory=_memory_arg(args.gpu_memory) if args.gpu_memory else None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print("check: ok" if report["disk_ok"] else "check: FAILED (disk)", flush=True)
+    return 0 if report["disk_ok"] else 1
 
 
 def cmd_demo(args) -> int:
@@ -127,12 +174,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rank-0 node address (multi-node)")
     p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
-                   help="DeepSpeed ZeRO stage (ds_configs/zeroN.json); default: the config's")
+    p.add_argument("--zero", type=_zero_arg, default=None,
+                   help="DeepSpeed ZeRO stage 0-3 (ds_configs/zeroN.json) or auto (the stage "
+                   "that fits, see `sft-scale plan`); default: the config's")
     p.add_argument("--offload", action="store_true", help="ZeRO-2/3 with CPU offload")
     p.add_argument("--deepspeed-config", default=None, help="your own DeepSpeed JSON")
     p.add_argument("--dry-run", action="store_true", help="print the launch line only")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="per-GPU memory of every ZeRO stage from the model config "
+                       "alone; the stage and micro-batch that fit")
+    config_args(p)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-memory", default="80GiB", help="per GPU, e.g. 80GiB, 24GiB, 40GB")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="default: the config's training.micro_batch_size")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("check", help="validate config, model, tokenizer, data sample, steps, "
+                       "disk and the launch line, in seconds, before a cluster job")
+    config_args(p)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--zero", type=_zero_arg, default=None, help="default: the config's")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--deepspeed-config", default=None)
+    p.add_argument("--master-addr", default="127.0.0.1", help="rank-0 node address (multi-node)")
+    p.add_argument("--gpu-memory", default=None,
+                   help="with zero auto: decide the stage here for GPUs of this size")
+    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("data", help="inspect the training data")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -158,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra #SBATCH option, e.g. --extra-sbatch=--exclusive (repeatable)")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="a shell line run before training, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None)
+    p.add_argument("--zero", type=_zero_arg, default=None)
     p.add_argument("--offload", action="store_true")
     p.add_argument("--deepspeed-config", default=None)
     p.add_argument("--signal-seconds", type=int, default=120,

@@ -131,7 +131,9 @@ class CheckpointConfig:
 class DistributedConfig:
     # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
     # records the intent so the launch helpers and checks can read it.
-    zero: Optional[int] = None  # 0-3: ds_configs/zeroN.json; null: DDP
+    # 0-3: ds_configs/zeroN.json; null: DDP; auto: the least-communication stage (and offload)
+    # whose estimated memory fits the device, decided in the job (see sft_scale/plan.py).
+    zero: Union[int, Literal["auto"], None] = None
     offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; wins over zero
 
@@ -432,8 +434,12 @@ def validate(cfg: Config, src: str = "<config>") -> None:
     if cfg.task == "causal_lm" and cfg.eval.metric in ("accuracy", "f1"):
         raise ConfigError(f"{src}: 'eval.metric: {cfg.eval.metric}' needs task: classification; "
                           "use eval_loss for causal_lm")
-    if cfg.distributed.zero is not None and cfg.distributed.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"{src}: 'distributed.zero' must be 0, 1, 2 or 3")
+    if cfg.distributed.zero is not None and cfg.distributed.zero not in (0, 1, 2, 3, "auto"):
+        raise ConfigError(f"{src}: 'distributed.zero' must be 0, 1, 2, 3 or auto")
+    if cfg.distributed.offload and cfg.distributed.zero == "auto":
+        raise ConfigError(f"{src}: 'distributed.offload' is chosen by 'distributed.zero: auto' "
+                          "(offload only when nothing fits without it); drop offload, or set "
+                          "distributed.zero: 2 or 3 to force offload")
     if cfg.distributed.offload and cfg.distributed.zero not in (2, 3) \
             and not cfg.distributed.deepspeed_config:
         raise ConfigError(f"{src}: 'distributed.offload: true' needs DeepSpeed ZeRO-2 or ZeRO-3 "

@@ -26,7 +26,7 @@ class Layout:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    zero: int | None = None
+    zero: int | str | None = None  # "auto": the job picks the stage for the memory it finds
     offload: bool = False
     deepspeed_config: str | None = None  # a JSON file; overrides zero/offload
     extra_sets: list[str] = field(default_factory=list)
@@ -36,6 +36,8 @@ class Layout:
         return self.nproc_per_node * self.nodes
 
     def ds_file(self) -> str | None:
+        if self.zero == "auto" and not self.deepspeed_config:
+            return None  # decided inside the job, where the devices are (preflight.resolve_auto_zero)
         return self.deepspeed_config or ds_file_for(self.zero, self.offload)
 
 
@@ -70,6 +72,8 @@ def launch_command(config: str, layout: Layout, overrides: list[str] = (),
     elif layout.world_size > 1:
         # Accelerate's name for its torchrun path; on CPU our Accelerator then picks MULTI_CPU.
         cmd += ["--multi_gpu", "--main_process_port", str(layout.master_port)]
+    if layout.zero == "auto" and not layout.deepspeed_config:
+        sets.append("distributed.zero=auto")
     cmd += [str(TRAIN_SCRIPT), "--config", config]
     for s in sets + list(layout.extra_sets):
         cmd += ["--set", s]

@@ -3,12 +3,15 @@ the model has been downloaded and sharded across a cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+from pathlib import Path
 
 from sft_scale.config import Config, ConfigError
-from sft_scale.deepspeed_config import (ds_config_path, load_ds_config, resolve_ds_config,
-                                        zero_stage)
+from sft_scale.deepspeed_config import (launcher_ds_file, ds_config_path, load_ds_config,
+                                        resolve_ds_config, zero_stage)
 from sft_scale.distributed import world_size_from_env
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,47 @@ def model_hidden_size(cfg: Config) -> int | None:
     return getattr(mc, "hidden_size", None) or getattr(mc, "d_model", None)
 
 
+def device_memory_bytes() -> tuple[int, str]:
+    """Memory one training process may use, and where the figure comes from: this rank's GPU, or
+    on CPU the machine's (or cgroup's) memory shared by the processes on this node."""
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(local)
+        return props.total_memory, f"GPU {local} ({props.name})"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))  # "max": no limit
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return total // local, f"CPU memory / {local} process(es) on this node"
+
+
+def resolve_auto_zero(cfg: Config, world_size: int, memory: int | None = None) -> None:
+    """`distributed.zero: auto` -> the stage (and offload) sft-scale plan recommends for this
+    world size and device, written into cfg. Every rank sees the same devices, so all agree."""
+    from sft_scale.plan import estimate, format_table
+
+    where = "the --gpu-memory given"
+    if memory is None:
+        memory, where = device_memory_bytes()
+    plan = estimate(cfg, world_size, memory)
+    rec = plan["recommendation"]
+    if rec is None or not any(r["fits"] for r in plan["rows"]):
+        raise ConfigError(f"distributed.zero: auto: no ZeRO stage fits micro-batch "
+                          f"{cfg.training.micro_batch_size} in {where}. {plan['explanation']}\n"
+                          + format_table(plan))
+    cfg.distributed.zero, cfg.distributed.offload = rec["stage"], rec["offload"]
+    if os.environ.get("RANK", "0") == "0":  # runs before logging is set up; one rank says it
+        print(f"distributed.zero: auto -> {rec['name']} ({where}: {plan['explanation']})\n"
+              + format_table(plan), flush=True)
+
+
 def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict | None:
     """The DeepSpeed config this run will use, fully resolved and checked, or None (DDP)."""
+    if cfg.distributed.zero == "auto" and not cfg.distributed.deepspeed_config \
+            and not launcher_ds_file():
+        resolve_auto_zero(cfg, world_size or world_size_from_env())
     path = ds_config_path(cfg)
     if path is None:
         return None

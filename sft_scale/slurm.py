@@ -39,7 +39,7 @@ class SlurmOptions:
     job_name: str = "sft-scale"
     extra_sbatch: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)
-    zero: int | None = None
+    zero: int | str | None = None  # "auto": decided in the job
     offload: bool = False
     deepspeed_config: str | None = None
     signal_seconds: int = 120

@@ -44,9 +44,15 @@ def eval_sources(cfg: Config) -> list[DatasetSource]:
 
 def load_examples(sources: list[DatasetSource], cfg: Config):
     """Raw records of every source turned into canonical examples (one `example` column)."""
+    return sample_examples(sources, cfg, None)[0]
+
+
+def sample_examples(sources: list[DatasetSource], cfg: Config, per_source: int | None):
+    """(canonical examples, record count of the whole mix): with `per_source`, only a seeded
+    random sample of that many records of each source is formatted (`sft-scale check`)."""
     import datasets
 
-    parts = []
+    parts, total = [], 0
     for i, src in enumerate(sources):
         ds = load_source(src)
         fmt = src.format if src.format != "auto" else cfg.data.format
@@ -54,6 +60,9 @@ def load_examples(sources: list[DatasetSource], cfg: Config):
             fmt = detect_format([c for c in ds.column_names if c != SOURCE_COLUMN],
                                 f"{src.path} (first record)")
         ds = apply_weight(ds, src, cfg.training.seed + i)
+        total += len(ds)
+        if per_source is not None and len(ds) > per_source:
+            ds = ds.shuffle(seed=cfg.training.seed).select(range(per_source))
         d = cfg.data
         # Stored as JSON text: chats and completions have different shapes, one arrow column each.
         ds = ds.map(lambda r: {"example": json.dumps(to_example(
@@ -62,7 +71,7 @@ def load_examples(sources: list[DatasetSource], cfg: Config):
                     num_proc=_procs(cfg, ds), desc=f"format {fmt}: {src.path}")
         log.info("data: %s -> %d records, format %s", src.path, len(ds), fmt)
         parts.append(ds)
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), total
 
 
 def _procs(cfg: Config, ds) -> int | None:

@@ -103,3 +103,19 @@ def test_multi_node_two_launchers_on_one_host_with_deepspeed(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 4
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_zero_auto_picks_a_stage_in_the_job_and_trains_under_deepspeed(tmp_path):
+    """`--zero auto`: the launcher passes no DeepSpeed file; each rank plans from the memory it
+    finds (here the host's RAM over 2 processes), all pick the same stage, DeepSpeed runs it."""
+    out = tmp_path / "auto"
+    cmd = [sys.executable, "-m", "sft_scale.cli", "train", "--config", str(DEMO_CONFIG),
+           "--zero", "auto", "--nproc", "2", "--master-port", str(_free_port()),
+           "--output-dir", str(out)] + [x for s in SMALL for x in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "distributed.zero: auto -> ZeRO-0 (CPU memory / 2 process(es) on this node" in log
+    assert "distributed: DEEPSPEED, world size 2" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 0 and summary["steps"] == 4

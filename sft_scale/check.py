@@ -1,0 +1,134 @@
+"""`sft-scale check`: what can fail before cluster time is spent, found in seconds on a laptop.
+
+Validates the config and the DeepSpeed/quantization combination for the target layout, resolves
+the model and tokenizer (config files only, no weights), tokenizes a sample of the data and shows
+it with its loss mask, derives steps per epoch and total tokens, checks the disk for checkpoints,
+and prints the exact launch command.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+from sft_scale.config import Config, load_config
+from sft_scale.launch import Layout, launch_command
+
+SAMPLE = 200  # records tokenized per source: enough for length statistics, fast on any data
+
+
+def checkpoint_bytes(cfg: Config, trainable: int, train_bytes: int) -> int:
+    """One checkpoint: the trainable weights, their fp32 master copy under 16-bit training, and
+    AdamW's two fp32 states (what Accelerate / DeepSpeed save_state writes, all ranks together)."""
+    master = 4 if train_bytes == 2 else 0
+    return trainable * (train_bytes + master + 8)
+
+
+def final_output_bytes(cfg: Config, trainable: int, total: int, train_bytes: int) -> int:
+    """The adapter (fp32) or, for full fine-tuning, the consolidated model."""
+    return trainable * 4 if cfg.lora.enabled else total * train_bytes
+
+
+def run_check(config: str, overrides: list[str], output_dir: str | None, layout: Layout,
+              n_show: int = 2, gpu_memory: int | None = None) -> dict:
+    """Print each check as it passes; raise ConfigError / DataError at the first that fails.
+    Returns the figures as a dict (for tests and --json)."""
+    from transformers import AutoConfig
+
+    from sft_scale.builtin import resolve_model_path
+    from sft_scale.data.pipeline import (_finish, encode_dataset, label_names, sample_examples,
+                                         train_sources)
+    from sft_scale.data.preview import mark_trained
+    from sft_scale.loop import total_steps
+    from sft_scale.model import load_tokenizer
+    from sft_scale.plan import dtype_bytes, lora_params, model_shape
+    from sft_scale.preflight import resolve_auto_zero, resolve_deepspeed
+
+    import datasets
+
+    datasets.disable_progress_bars()  # check prints a report; bars would drown it
+    report: dict = {}
+    cfg = load_config(config, overrides, output_dir)
+    print(f"config: {config} ok (task {cfg.task})")
+
+    if layout.zero == "auto" and gpu_memory is not None:
+        resolve_auto_zero(cfg, layout.world_size, gpu_memory)
+        layout.zero, layout.offload = cfg.distributed.zero, cfg.distributed.offload
+    if layout.ds_file():
+        cfg.distributed.deepspeed_config = layout.ds_file()
+        ds = resolve_deepspeed(cfg, world_size=layout.world_size)
+        report["deepspeed"] = f"ZeRO-{ds['zero_optimization']['stage']}" + (
+            " + offload" if "offload" in Path(layout.ds_file()).name else "")
+    elif layout.zero == "auto":
+        report["deepspeed"] = ("auto (chosen in the job from the memory it finds; pass "
+                               "--gpu-memory to decide it here, or see `sft-scale plan`)")
+    else:
+        report["deepspeed"] = "no (DDP)" if layout.world_size > 1 else "no"
+    gb = cfg.global_batch_size(layout.world_size)
+    print(f"layout: {layout.nodes} node(s) x {layout.nproc_per_node} process(es) = world size "
+          f"{layout.world_size}; global batch {gb}; DeepSpeed: {report['deepspeed']}")
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    shape = model_shape(cfg)
+    tokenizer = load_tokenizer(cfg)
+    trainable = lora_params(shape, cfg.lora) if cfg.lora.enabled else shape.total_params
+    report.update(model_type=mc.model_type, total_params=shape.total_params,
+                  trainable_params=trainable)
+    print(f"model: {path} ({mc.model_type}, {shape.total_params:,} parameters, {trainable:,} "
+          f"trainable); tokenizer: {len(tokenizer):,} tokens, eos {tokenizer.eos_token!r}, "
+          f"pad {tokenizer.pad_token!r}")
+    if len(tokenizer) > shape.vocab_size:
+        print(f"warning: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+              f"{shape.vocab_size}: ids beyond it would fail in the first batch")
+
+    sample, n_total = sample_examples(train_sources(cfg), cfg, SAMPLE)
+    labels = label_names(sample, cfg) if cfg.task == "classification" else None
+    encoded, stats = _finish(encode_dataset(sample, tokenizer, cfg, labels), "sampled training")
+    for i in range(min(n_show, len(encoded))):
+        row = encoded[i]
+        print(f"--- sample {i} ({row['_source']}, {row['length']} tokens, {row['n_trained']} "
+              "trained, marked «like this») ---")
+        print(mark_trained(tokenizer, row["input_ids"], row["labels"]))
+    avg = stats.tokens / stats.examples
+    kept = stats.examples / len(sample)
+    n_examples = max(1, int(n_total * kept))
+    steps = total_steps(cfg, n_examples, layout.world_size)
+    per_epoch = max(1, -(-n_examples // gb))
+    report.update(records=n_total, sampled=len(sample), est_examples=n_examples,
+                  avg_tokens=round(avg, 1), steps_per_epoch=per_epoch, total_steps=steps,
+                  total_tokens=int(steps * gb * avg))
+    dropped = stats.dropped_too_long + stats.dropped_no_trainable
+    print(f"data: {n_total:,} records; of a sample of {len(sample)}, {stats.truncated} "
+          f"truncated and {dropped} dropped at max_seq_len {cfg.data.max_seq_len}; ~{avg:.0f} "
+          f"tokens per example; {per_epoch:,} steps per epoch; {steps:,} steps, "
+          f"~{report['total_tokens']:,} tokens in all")
+
+    tb = 4 if cfg.quantization.load_in_8bit and cfg.lora.enabled else dtype_bytes(cfg, shape)
+    per_ckpt = checkpoint_bytes(cfg, trainable, tb)
+    need = per_ckpt * (cfg.checkpoint.keep_last + 1) + final_output_bytes(
+        cfg, trainable, shape.total_params, tb)  # +1: the old one stays until the new is done
+    out = Path(cfg.output.dir).absolute()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    report.update(checkpoint_bytes=per_ckpt, disk_needed=need, disk_free=free,
+                  disk_ok=free > need)
+    print(f"disk: a checkpoint is ~{_size(per_ckpt)}; {cfg.checkpoint.keep_last} kept + 1 being "
+          f"written + the final output: ~{_size(need)}; {_size(free)} free at {existing}: "
+          + ("ok" if report["disk_ok"] else "NOT ENOUGH: free space, lower checkpoint.keep_last "
+             "or choose another output.dir"))
+
+    report["launch"] = shlex.join(launch_command(config, layout, overrides, output_dir))
+    where = " (node 0; on node R use --machine_rank R)" if layout.nodes > 1 else ""
+    print(f"launch{where}: {report['launch']}")
+    return report
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
