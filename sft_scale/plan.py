@@ -400,15 +400,40 @@ def _measure_child() -> None:
     print(json.dumps(results))
 
 
-def _train(cfg, mc, micro: int, steps: int) -> None:
+def measure_peak_cuda(cfg, micro_batches: list[int] | None = None, steps: int = 2) -> list[dict]:
+    """measure_peak_cpu's GPU twin, in this process: per micro-batch, the allocator's high-water
+    mark (torch.cuda.max_memory_allocated) above what was allocated before the model."""
+    import gc
+
+    import torch
+    from transformers import AutoConfig
+
+    from sft_scale.builtin import resolve_model_path
+
+    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path))
+    results = []
+    for micro in sorted(micro_batches or [cfg.training.micro_batch_size]):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _train(cfg, mc, micro, steps, device="cuda")
+        peak = torch.cuda.max_memory_allocated()
+        results.append({"micro_batch": micro, "baseline": base, "peak": peak,
+                        "increase": peak - base})
+    return results
+
+
+def _train(cfg, mc, micro: int, steps: int, device: str = "cpu") -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     from sft_scale.model import DTYPES, wrap_lora
 
     dtype = DTYPES[cfg.model.dtype]
-    model = AutoModelForCausalLM.from_config(mc, dtype=None if dtype == "auto" else dtype,
-                                             attn_implementation=cfg.model.attn_implementation)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(mc, dtype=None if dtype == "auto" else dtype,
+                                                 attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -418,7 +443,7 @@ def _train(cfg, mc, micro: int, steps: int) -> None:
         model = wrap_lora(model, cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(mc.vocab_size, (micro, cfg.data.max_seq_len))
+    ids = torch.randint(mc.vocab_size, (micro, cfg.data.max_seq_len), device=device)
     for _ in range(steps):
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         opt.step()
