@@ -30,7 +30,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to name_or_path
     revision: Optional[str] = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
+    # bf16/fp16; else sdpa (with packing: our per-example SDPA, see sft_scale/attention.py).
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
 
 
@@ -88,6 +90,9 @@ class DataConfig:
     packing: bool = False
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
+    # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
+    num_workers: int = 0
+    pin_memory: bool = True  # pinned host batches for faster host->GPU copies; ignored on CPU
 
 
 @dataclass
@@ -108,6 +113,12 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     logging_steps: int = 1
+    # standard: the model's loss on full logits. chunked: our memory-light cross-entropy (LM head
+    # + CE over trained tokens, chunk by chunk). liger: liger-kernel's fused one (CUDA). auto:
+    # liger when installed on CUDA, else chunked when the model allows it, else standard
+    # (sft_scale/loss.py).
+    loss: Literal["auto", "standard", "chunked", "liger"] = "auto"
+    torch_compile: bool = False  # torch.compile the repeated decoder blocks (regional)
 
 
 @dataclass

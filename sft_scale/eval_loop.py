@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from sft_scale.data.collate import to_device
+from sft_scale.data.loader import fetch_rows
 from sft_scale.tasks import classification_metrics
 
 
@@ -31,8 +33,8 @@ def evaluate(accelerator, model, dataset, task, micro_batch: int, pad_token_id: 
     for b in range(n_batches):
         idx = mine[b * micro_batch:(b + 1) * micro_batch]
         real = bool(idx)
-        batch = task.collate([dataset[i] for i in (idx or [0])], pad_token_id)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = task.collate(fetch_rows(dataset, idx or [0]), pad_token_id)
+        batch = to_device(batch, accelerator.device)
         summed, n, p, t = task.outputs(model, batch)
         if real:
             loss_sum += summed.double()

@@ -38,9 +38,11 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               BitsAndBytesConfig)
 
+    from sft_scale.attention import load_attn_implementation
+
     path = resolve_model_path(cfg.model.name_or_path)
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-                  dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation,
+                  dtype=DTYPES[cfg.model.dtype], attn_implementation=load_attn_implementation(cfg),
                   use_safetensors=True)
     if cfg.quantization.load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -100,6 +102,30 @@ def wrap_lora(model, cfg: Config):
                         if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
         raise ValueError(f"lora.target_modules={lc.target_modules!r} does not fit this model "
                          f"({e}). Linear layers it has: {names}; or use 'all-linear'.") from None
+
+
+def compile_model(model) -> int:
+    """torch.compile in place, block by block (regional compilation): each repeated block (the
+    decoder layers) is compiled with `Module.compile()`, the rest stays eager. This is what
+    Accelerate's dynamo plugin does with `use_regional_compilation` under DeepSpeed; we do it for
+    every backend, before `accelerator.prepare`, because in place the module tree, parameter
+    names and state dicts stay unchanged (PEFT saving, checkpoints and resume need no unwrapping),
+    and compile time is one block's rather than the whole model's. Returns the blocks compiled."""
+    def blocks(module) -> int:
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 \
+                and all(type(m) is type(module[0]) for m in module):
+            for m in module:
+                m.compile(dynamic=True)  # SFT shapes vary every step
+            return len(module)
+        return sum(blocks(c) for c in module.children())
+
+    n = blocks(model)
+    if n == 0:
+        model.compile(dynamic=True)
+        log.info("torch.compile: no repeated blocks found; compiled the whole model")
+    else:
+        log.info("torch.compile: %d repeated blocks compiled (regional compilation)", n)
+    return n
 
 
 def count_parameters(model) -> tuple[int, int]:

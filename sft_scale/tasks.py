@@ -1,13 +1,15 @@
 """What differs between tasks: how a micro-batch is collated, what counts as one trained item for
 loss normalisation, the loss itself, and the eval metrics.
 
-causal_lm: next-token loss on the trained tokens (transformers' loss with `num_items_in_batch`).
+causal_lm: next-token loss on the trained tokens (transformers' loss with `num_items_in_batch`, or
+sft_scale.loss's chunked / Liger cross-entropy with the same meaning: `training.loss`).
 classification: a sequence-classification head; binary -> BCEWithLogits on one logit,
 multi-class -> cross-entropy, multi-label -> BCEWithLogits per label.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,30 +28,51 @@ class Task:
     outputs: Callable  # (model, batch) -> (summed loss, items, predictions, targets) for eval
 
 
-def causal_lm(packing: bool) -> Task:
-    def count(batch):
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def causal_lm(packing: bool, loss: str = "standard") -> Task:
+    """`loss`: standard | chunked | liger, as resolved by sft_scale.loss.resolve_loss."""
+    from sft_scale.attention import packed_forward
+    from sft_scale.loss import summed_loss
 
-    def loss(model, batch, n_items):
-        return model(**batch, use_cache=False, num_items_in_batch=max(n_items, 1)).loss
+    count = count_trained_tokens
+
+    def loss_fn(model, batch, n_items):
+        with packed_forward(batch):
+            if loss == "standard":
+                return model(**batch, use_cache=False, num_items_in_batch=max(n_items, 1)).loss
+            return summed_loss(model, batch, loss) / max(n_items, 1)
 
     def outputs(model, batch):
         n = count(batch)
-        summed = model(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss * n
+        with packed_forward(batch):
+            if loss == "standard":
+                summed = model(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss * n
+            else:
+                summed = summed_loss(model, batch, loss)
         return summed, n, None, None
 
-    return Task("causal_lm", collate_packed if packing else collate, count, loss, outputs)
+    return Task("causal_lm", collate_packed if packing else collate, count, loss_fn, outputs)
+
+
+# collate and count run in DataLoader workers (data.num_workers): module-level functions (or
+# partials of them) stay picklable under the spawn/forkserver start methods, closures would not.
+def count_trained_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_examples(batch: dict) -> int:
+    return len(batch["labels"])
+
+
+def collate_classification(examples: list[dict], pad_token_id: int, problem: str) -> dict:
+    batch = collate([dict(e, labels=[IGNORE_INDEX] * len(e["input_ids"])) for e in examples],
+                    pad_token_id)
+    dtype = torch.float if problem in ("binary", "multi_label") else torch.long
+    batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
+    return batch
 
 
 def classification(num_labels: int, problem: str) -> Task:
     """`problem`: binary (one logit), single_label (num_labels logits) or multi_label."""
-
-    def collate_cls(examples, pad_token_id):
-        batch = collate([dict(e, labels=[IGNORE_INDEX] * len(e["input_ids"])) for e in examples],
-                        pad_token_id)
-        dtype = torch.float if problem in ("binary", "multi_label") else torch.long
-        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
-        return batch
 
     def summed_loss(logits, labels):
         logits = logits.float()
@@ -79,7 +102,8 @@ def classification(num_labels: int, problem: str) -> Task:
         return (summed_loss(logits, batch["labels"]), len(batch["labels"]), predictions(logits),
                 batch["labels"].long())
 
-    return Task("classification", collate_cls, lambda b: len(b["labels"]), loss, outputs)
+    return Task("classification", functools.partial(collate_classification, problem=problem),
+                count_examples, loss, outputs)
 
 
 def problem_type(labels: list, configured: str) -> str:

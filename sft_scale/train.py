@@ -73,7 +73,8 @@ def run(cfg: Config) -> dict:
     from sft_scale.loop import build_optimizer, build_scheduler, total_steps, train_loop
     from sft_scale.manifest import attempt_record, git_commit, package_versions
     from sft_scale.metrics import MetricsWriter
-    from sft_scale.model import count_parameters, load_model, load_tokenizer
+    from sft_scale.fastpaths import model_config, resolve_fast_paths
+    from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
     from sft_scale.preflight import resolve_deepspeed
 
@@ -87,6 +88,8 @@ def run(cfg: Config) -> dict:
     world = accelerator.num_processes
     out_dir = Path(cfg.output.dir)
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
+    # What auto means here (attention, loss) and whether each switch can work, before any weights.
+    fast = resolve_fast_paths(cfg, stage, model_config(cfg))
     identity = ckpt.run_identity(cfg, world, stage)
 
     # 1. Is there anything to do, and from where?
@@ -115,12 +118,13 @@ def run(cfg: Config) -> dict:
         problem = "multi_label" if multi else ("binary" if len(labels) == 2 else "single_label")
         task = classification(len(labels), problem)
     else:
-        problem, task = None, causal_lm(cfg.data.packing)
+        problem, task = None, causal_lm(cfg.data.packing, fast["loss"])
     resolved = {"task": cfg.task, "problem": problem,"world_size": world, "global_batch_size": cfg.global_batch_size(world),
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
                 "total_steps": steps, "data": data_stats.as_dict(),
-                "distributed_type": accelerator.distributed_type.value, "zero_stage": stage}
+                "distributed_type": accelerator.distributed_type.value, "zero_stage": stage,
+                "fast_paths": fast}
     resume_step = json.loads((resume_from / ckpt.STATE).read_text())["step"] if resume_from \
         else None
     if main_proc:
@@ -143,6 +147,8 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.training.seed)
     model = load_model(cfg, accelerator.local_process_index, labels, problem,
                        tokenizer.pad_token_id)
+    if cfg.training.torch_compile:
+        compile_model(model)  # in place, before prepare: see compile_model
     trainable, total = count_parameters(model)
     if main_proc:
         log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",

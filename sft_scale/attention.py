@@ -1,0 +1,140 @@
+"""Attention: what `model.attn_implementation: auto` means, and SDPA for padding-free packed rows.
+
+Why a packed-row SDPA of our own: with packing, a micro-batch is one row of concatenated examples.
+transformers' "sdpa" then detects the packing from the position ids and builds a dense
+block-diagonal [L, L] mask for the whole row (L = all tokens of the micro-batch), and SDPA with an
+explicit mask leaves its causal fast path: attention costs L^2 instead of the sum of the
+examples' own squared lengths. For 8 examples of up to 512 tokens (L ~ 2300) that made attention
+as expensive as all linear layers together on CPU, and packing slower than padding. Flash-attention
+2 has a varlen kernel for this; SDPA has none, so `packed_sdpa_attention_forward` does what varlen
+does with plain SDPA: it scatters the row into one padded row per example (right-padded to the
+longest example), runs causal SDPA (right padding never reaches a real query under a causal
+mask), and gathers the real positions back. The linear layers still see only real tokens, and no
+[L, L] mask is ever built. The example boundaries come from `cu_seq_lens_q` / `max_length_q`,
+which `collate_packed` writes next to the position ids (the same keys flash-attention's varlen
+path reads, so with flash_attention_2 the boundaries are not re-derived from position ids either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+
+import torch
+
+PACKED_SDPA = "sft_scale_packed_sdpa"
+
+# Set while sft_scale runs a forward on a packed batch that carries cu_seq_lens: transformers'
+# mask builder is then told not to materialise the [L, L] block-diagonal mask nobody will read.
+_PACKED_FORWARD = contextvars.ContextVar("sft_scale_packed_forward", default=False)
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(cfg) -> str:
+    """The attention implementation `cfg.model.attn_implementation` stands for on this machine.
+
+    auto: flash_attention_2 when the flash_attn package is installed, CUDA is available and the
+    model runs in bf16/fp16 (flash-attention has no fp32 kernels); otherwise sdpa.
+    """
+    from sft_scale.config import ConfigError
+
+    impl = cfg.model.attn_implementation
+    half = cfg.model.dtype in ("bf16", "fp16")
+    if impl == "auto":
+        return "flash_attention_2" if (flash_attn_installed() and torch.cuda.is_available()
+                                       and half) else "sdpa"
+    if impl == "flash_attention_2":
+        if not flash_attn_installed():
+            raise ConfigError("'model.attn_implementation: flash_attention_2' needs the flash_attn "
+                              "package, which is not installed. Install it (pip install "
+                              "flash-attn, on a CUDA machine) or use 'auto' or 'sdpa'.")
+        if not torch.cuda.is_available():
+            raise ConfigError("'model.attn_implementation: flash_attention_2' needs a CUDA GPU; "
+                              "none is visible. Use 'auto' or 'sdpa'.")
+        if not half:
+            raise ConfigError(f"'model.attn_implementation: flash_attention_2' runs in bf16/fp16 "
+                              f"only, but model.dtype is {cfg.model.dtype!r}. Set model.dtype: "
+                              "bf16, or use 'auto' or 'sdpa'.")
+    return impl
+
+
+def load_attn_implementation(cfg) -> str:
+    """What `from_pretrained(attn_implementation=...)` gets: the resolved implementation, with
+    sdpa replaced by the packed-row SDPA when the training batches are packed."""
+    impl = resolve_attn_implementation(cfg)
+    if impl == "sdpa" and cfg.data.packing and cfg.task == "causal_lm":
+        register_packed_sdpa()
+        return PACKED_SDPA
+    return impl
+
+
+@contextlib.contextmanager
+def packed_forward(batch: dict):
+    """Around a forward of a collated batch: marks packed batches (with cu_seq_lens)."""
+    token = _PACKED_FORWARD.set("cu_seq_lens_q" in batch)
+    try:
+        yield
+    finally:
+        _PACKED_FORWARD.reset(token)
+
+
+def packed_sdpa_mask(*args, **kwargs):
+    """transformers' SDPA mask, except for a packed row of ours: no [L, L] mask (None)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _PACKED_FORWARD.get() and kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def packed_sdpa_attention_forward(module, query, key, value, attention_mask,
+                                  cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """SDPA; for a packed row with example boundaries (cu_seq_lens_q), per-example causal SDPA.
+
+    query: [1, heads, L, head_dim]; key/value: [1, kv_heads, L, head_dim]. Returns
+    ([1, L, heads, head_dim], None) like transformers' sdpa_attention_forward.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (cu_seq_lens_q is None or max_length_q is None or attention_mask is not None
+            or query.shape[0] != 1 or key.shape[2] != query.shape[2]
+            or kwargs.get("is_causal", getattr(module, "is_causal", True)) is False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    L, device = query.shape[2], query.device
+    cu = cu_seq_lens_q.to(device=device, dtype=torch.long)
+    n, width = cu.numel() - 1, int(max_length_q)
+    # Each packed position's slot in an [n, width] right-padded layout (no host sync).
+    seq = torch.repeat_interleave(torch.arange(n, device=device), cu[1:] - cu[:-1],
+                                  output_size=L)
+    slot = seq * width + torch.arange(L, device=device) - cu[:-1][seq]
+
+    def unpack(x):  # [1, h, L, d] -> [n, h, width, d], zeros after each example's end
+        h, d = x.shape[1], x.shape[3]
+        padded = x.new_zeros(h, n * width, d).index_copy(1, slot, x[0])
+        return padded.view(h, n, width, d).transpose(0, 1)
+
+    out, _ = sdpa_attention_forward(module, unpack(query), unpack(key), unpack(value), None,
+                                    is_causal=True, **kwargs)
+    # out: [n, width, heads, head_dim] -> the packed row [1, L, heads, head_dim]
+    out = out.reshape(n * width, out.shape[2], out.shape[3]).index_select(0, slot)
+    return out.unsqueeze(0), None
+
+
+_registered = False
+
+
+def register_packed_sdpa() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+    _registered = True
