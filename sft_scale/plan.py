@@ -44,6 +44,7 @@ class ModelShape:
     largest_module_params: int  # ZeRO-3 gathers one module's own parameters at a time
     linear_shapes: dict[str, tuple[int, int, bool]]  # name -> (in, out, has bias)
     module_params: dict[str, int]  # name -> parameters under it (for lora.modules_to_save)
+    chunked_loss_ok: bool = True  # False when the model post-processes its logits
 
     @property
     def linear_params(self) -> dict[str, int]:
@@ -86,6 +87,8 @@ def _build_shape(mc) -> ModelShape:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from sft_scale.loss import chunked_unsupported
+
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(mc)
     model.tie_weights()  # under init_empty_weights transformers leaves tied heads untied
@@ -108,7 +111,8 @@ def _build_shape(mc) -> ModelShape:
         vocab_size=mc.vocab_size, tied_embeddings=bool(getattr(mc, "tie_word_embeddings", False)),
         gated_mlp=any("gate" in n.rsplit(".", 1)[-1] for n in linears),
         dtype=dtype.replace("torch.", ""), output_head=head_name, largest_module_params=largest,
-        linear_shapes=linears, module_params=counts)
+        linear_shapes=linears, module_params=counts,
+        chunked_loss_ok=chunked_unsupported(mc) is None)
 
 
 def _matches(name: str, key: str) -> bool:
@@ -188,7 +192,17 @@ def model_states(cfg, shape: ModelShape, stage: int, offload: bool, world: int) 
             "optimizer": int(optim), "cpu_offloaded": int(cpu), "trainable_params": trainable}
 
 
-def activation_bytes(cfg, shape: ModelShape, micro: int) -> dict:
+def loss_kind(cfg, shape: ModelShape, stage: int | None) -> str:
+    """standard or chunked: how the loss's memory behaves for training.loss under this stage.
+    Liger's fused loss holds one chunk of logits at a time too, so it plans as chunked."""
+    choice = cfg.training.loss
+    if cfg.task != "causal_lm" or choice == "standard" or stage == 3 \
+            or (choice == "auto" and not shape.chunked_loss_ok):
+        return "standard"  # auto under ZeRO-3 is standard (sft_scale/loss.py says why)
+    return "chunked"
+
+
+def activation_bytes(cfg, shape: ModelShape, micro: int, loss: str = "standard") -> dict:
     """Saved activations of all layers and the loss's logits for one micro-batch."""
     s = cfg.data.max_seq_len
     tokens = micro * s
@@ -210,9 +224,18 @@ def activation_bytes(cfg, shape: ModelShape, micro: int) -> dict:
                                        if cfg.lora.dropout > 0 else 0) for t in targets)
         per_token += extra / shape.num_layers  # lora_A's output; dropout copy of x and its mask
     layer = tokens * per_token
-    # The loss upcasts logits to fp32; log-softmax keeps its output, and backward makes two more
-    # vocabulary-sized fp32 tensors (the gradients of the loss and of the log-softmax).
-    logits = tokens * shape.vocab_size * 12
+    if loss == "standard":
+        # The loss upcasts logits to fp32; log-softmax keeps its output, and backward makes two
+        # more vocabulary-sized fp32 tensors (the gradients of the loss and of the log-softmax).
+        logits = tokens * shape.vocab_size * 12
+    else:
+        # One chunk of fp32 logits, log-softmax and gradient at a time (sft_scale/loss.py), plus
+        # the selected hidden states and their fp32 gradient, kept for backward (an upper bound:
+        # only trained positions are selected).
+        from sft_scale.loss import CHUNK_ELEMENTS
+
+        rows = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab_size))
+        logits = rows * shape.vocab_size * 12 + tokens * h * (4 + ab)
     if cfg.training.gradient_checkpointing:
         # Each layer keeps only its input. Backward recomputes one layer at a time, after the
         # logits' buffers are gone, so that layer only adds where it is the larger of the two.
@@ -228,7 +251,7 @@ def _row(cfg, shape, stage, offload, world, micro, overhead) -> dict:
         return dict(r, supported=False, total=None, reason="not supported: 8-bit (LLM.int8) "
                     "weights cannot be partitioned by ZeRO-3")
     r.update(supported=True, **model_states(cfg, shape, stage, offload, world))
-    r.update(activation_bytes(cfg, shape, micro), overhead=overhead)
+    r.update(activation_bytes(cfg, shape, micro, loss_kind(cfg, shape, stage)), overhead=overhead)
     r["total"] = sum(r[k] for k in ("weights", "master", "grads", "optimizer", "activations",
                                     "logits", "overhead"))
     return r
@@ -428,12 +451,14 @@ def _train(cfg, mc, micro: int, steps: int, device: str = "cpu") -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sft_scale.attention import resolve_attn_implementation
+    from sft_scale.loss import summed_loss
     from sft_scale.model import DTYPES, wrap_lora
 
     dtype = DTYPES[cfg.model.dtype]
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(mc, dtype=None if dtype == "auto" else dtype,
-                                                 attn_implementation=cfg.model.attn_implementation)
+                                                 attn_implementation=resolve_attn_implementation(cfg))
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -444,7 +469,11 @@ def _train(cfg, mc, micro: int, steps: int, device: str = "cpu") -> None:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(mc.vocab_size, (micro, cfg.data.max_seq_len), device=device)
+    kind = loss_kind(cfg, model_shape(mc), None)
     for _ in range(steps):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        if kind == "standard":
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        else:  # training's chunked loss (Liger plans the same)
+            summed_loss(model, {"input_ids": ids, "labels": ids}, kind).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
