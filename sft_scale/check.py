@@ -40,6 +40,7 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     from sft_scale.data.pipeline import (_finish, encode_dataset, label_names, sample_examples,
                                          train_sources)
     from sft_scale.data.preview import mark_trained
+    from sft_scale.fastpaths import resolve_fast_paths
     from sft_scale.loop import total_steps
     from sft_scale.model import load_tokenizer
     from sft_scale.plan import dtype_bytes, lora_params, model_shape
@@ -73,13 +74,17 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
                                     trust_remote_code=cfg.model.trust_remote_code)
     shape = model_shape(cfg)
+    stage = int(report["deepspeed"][5]) if report["deepspeed"].startswith("ZeRO-") else None
+    fast = resolve_fast_paths(cfg, stage, mc)  # an impossible switch fails here, not on the GPUs
+    report["fast_paths"] = {k: fast[k] for k in ("attention_kernel", "loss", "torch_compile")}
     tokenizer = load_tokenizer(cfg)
     trainable = lora_params(shape, cfg.lora) if cfg.lora.enabled else shape.total_params
     report.update(model_type=mc.model_type, total_params=shape.total_params,
                   trainable_params=trainable)
     print(f"model: {path} ({mc.model_type}, {shape.total_params:,} parameters, {trainable:,} "
           f"trainable); tokenizer: {len(tokenizer):,} tokens, eos {tokenizer.eos_token!r}, "
-          f"pad {tokenizer.pad_token!r}")
+          f"pad {tokenizer.pad_token!r}; attention {fast['attention_kernel']} (on this machine), "
+          f"loss {fast['loss']}")
     if len(tokenizer) > shape.vocab_size:
         print(f"warning: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
               f"{shape.vocab_size}: ids beyond it would fail in the first batch")

@@ -105,6 +105,7 @@ def test_check_reports_steps_tokens_disk_and_the_launch_line_and_writes_nothing(
     assert 10 < report["avg_tokens"] < 20
     assert report["total_tokens"] == pytest.approx(80 * 64 * report["avg_tokens"], rel=0.01)
     assert report["deepspeed"] == "ZeRO-2" and report["disk_ok"]
+    assert report["fast_paths"]["loss"] == "chunked"
     assert "«" in text and "»" in text  # the sample is shown with its trained part marked
     assert "--num_machines 2" in report["launch"] and "zero2.json" in report["launch"]
     assert "--main_process_ip 10.0.0.7" in report["launch"]
@@ -122,4 +123,9 @@ def test_check_fails_on_disk_and_on_bad_data_before_anything_is_written(tmp_path
     assert main(["check", "--config", str(DEMO_CONFIG), "--output-dir", str(out),
                  "--set", f"data.train_files=[{bad}]", "--set", "data.eval_files=[]"]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
+    # A switch that cannot work in this layout is caught too (chunked loss under ZeRO-3).
+    assert main(["check", "--config", str(DEMO_CONFIG), "--output-dir", str(out), "--zero", "3",
+                 "--set", "training.loss=chunked"]) == 2
+    assert "'training.loss: chunked' does not work under DeepSpeed ZeRO-3" in \
+        capsys.readouterr().err
     assert not out.exists()
