@@ -49,15 +49,25 @@ class GlobalBatchSampler:
             return [self._index(p) for p in range(step * G, (step + 1) * G)]
         # Length grouping: sort a window of global batches by length, then shuffle the order of
         # the batches inside it, so batches are homogeneous but their order stays random.
-        w, k = divmod(step, self.GROUP_STEPS)
-        if self._window is None or self._window[0] != w:
-            start = w * self.GROUP_STEPS * G
-            idx = [self._index(p) for p in range(start, start + self.GROUP_STEPS * G)]
-            idx.sort(key=lambda i: -self.lengths[i])
-            batches = [idx[j * G:(j + 1) * G] for j in range(self.GROUP_STEPS)]
-            random.Random(self.seed * 7_919 + w).shuffle(batches)
-            self._window = (w, batches)
-        return self._window[1][k]
+        # Windows never cross an epoch: a window holding the same example twice (from two
+        # epochs, or many times when the data is smaller than a window) would sort the copies
+        # side by side into one batch. The few positions of the epoch's last step that fall into
+        # the next epoch stay unsorted at the end of the window.
+        e = step * G // self.n
+        s0, s1 = -(-e * self.n // G), -(-(e + 1) * self.n // G)  # steps starting in epoch e
+        w = (step - s0) // self.GROUP_STEPS
+        if self._window is None or self._window[0] != (e, w):
+            first = s0 + w * self.GROUP_STEPS
+            last = min(first + self.GROUP_STEPS, s1)
+            end = (e + 1) * self.n
+            inside = [self._index(p) for p in range(first * G, min(last * G, end))]
+            spill = [self._index(p) for p in range(end, max(end, last * G))]
+            inside.sort(key=lambda i: -self.lengths[i])
+            idx = inside + spill
+            batches = [idx[j * G:(j + 1) * G] for j in range(last - first)]
+            random.Random(self.seed * 7_919 + e * 100_003 + w).shuffle(batches)
+            self._window = ((e, w), first, batches)
+        return self._window[2][step - self._window[1]]
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's `accum` micro-batches (lists of example indices) for optimizer step `step`."""

@@ -54,3 +54,32 @@ def test_sampler_ranks_disjoint_and_layout_independent():
     # every example is seen once per epoch
     seen = [i for step in range(13) for mb in single.micro_batches(step) for i in mb][:100]
     assert sorted(seen) == list(range(100))
+
+
+
+@pytest.mark.parametrize("n", [32, 96, 1000])
+def test_length_grouping_trains_every_example_once_per_epoch(n):
+    """Regression: a grouping window longer than the data (32 examples, global batch 8) once
+    held 8 copies of each example, and sorting by length made batches of one example repeated."""
+    lengths = [(i * 37) % 251 + 5 for i in range(n)]
+    s = GlobalBatchSampler(n, micro=4, accum=1, world=2, rank=0, seed=1, lengths=lengths)
+    per_epoch = n // s.global_batch  # n is a multiple of the global batch here
+    for e in range(3):
+        seen = [i for step in range(e * per_epoch, (e + 1) * per_epoch)
+                for i in s.global_batch_indices(step)]
+        assert sorted(seen) == list(range(n))
+    if n >= 96:  # grouped: a batch spans far less than the data's length range of 246
+        widths = [max(lengths[i] for i in s.global_batch_indices(k))
+                  - min(lengths[i] for i in s.global_batch_indices(k)) for k in range(per_epoch)]
+        assert sum(widths) / len(widths) < 60
+
+
+def test_length_grouping_never_repeats_an_example_within_a_batch():
+    n = 100  # not a multiple of the global batch: one batch per epoch straddles two epochs
+    s = GlobalBatchSampler(n, micro=4, accum=1, world=2, rank=0, seed=1,
+                           lengths=[(i * 37) % 251 + 5 for i in range(n)])
+    for step in range(60):
+        batch = s.global_batch_indices(step)
+        assert len(set(batch)) == len(batch), (step, batch)
+    stream = [i for step in range(25) for i in s.global_batch_indices(step)]  # 2 epochs exactly
+    assert sorted(stream) == sorted(list(range(n)) * 2)
