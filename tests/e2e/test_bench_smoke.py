@@ -1,0 +1,50 @@
+"""The benchmark harness end to end in --quick mode (a tiny model, 1 rep, 2 steps): every method
+runs and is reported. A smoke test of bench/, not a measurement: performance is never asserted."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick_reports_every_method(tmp_path, sft_scale_home):
+    out = tmp_path / "BENCH.md"
+    env = dict(os.environ, SFT_SCALE_BENCH_CACHE=str(tmp_path / "cache"),
+               SFT_SCALE_HOME=str(sft_scale_home))
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--out", str(out),
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    agg, methods = data["aggregate"], data["methods"]
+    t = data["spec"]["train"]
+    n_examples = t["steps"] * t["micro_batch_size"] * t["gradient_accumulation_steps"]
+    ran = [m for m in methods if m["available"] and not agg[m["name"]].get("unavailable")]
+    names = {m["name"] for m in ran}
+    # The contenders are all there (the switch list follows sft_scale's config).
+    assert {"bare_step", "transformers_trainer", "trl_defaults", "trl_packing",
+            "trl_padding_free", "sft_scale"} <= names
+    for m in methods:
+        a = agg[m["name"]]
+        if m["name"] not in names:  # not runnable here (a missing package): a reason is given
+            assert m["why_not"] or a.get("unavailable"), m["name"]
+            continue
+        assert a["ok"] == a["reps"] == 1, (m["name"], a["errors"])
+        assert a["tokens_per_s"] > 0, m["name"]
+        assert math.isfinite(a["final_loss"]), m["name"]
+        if not m["synthetic"]:
+            # Every real method trained the same number of examples: one epoch of the data.
+            assert a["examples"] == [n_examples], (m["name"], a["examples"])
+
+    md = out.read_text()
+    assert "python -m bench.run --quick --out " + str(out) in md
+    for section in ("## Machine", "## Results", "## Where TRL's gap to the ceiling goes"):
+        assert section in md
