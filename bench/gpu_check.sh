@@ -5,7 +5,8 @@
 #   here, once:   bash bench/prepare_wheels.sh        # trl, datasets, bitsandbytes, deepspeed -> .whl/
 #   device call:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
-# Results: $OUT/gpu_check.md (a fragment for docs/BENCHMARKS.md), $OUT/gpu_check.json, $OUT/log.txt.
+# Results: $OUT/gpu_check.md (a fragment for docs/BENCHMARKS.md), $OUT/gpu_check.json, $OUT/log.txt,
+# and $OUT/plan_gpu.md (bench/plan_gpu_check.py: the memory planner against the GPU).
 # Extra arguments go to bench.gpu_check (e.g. --methods sft_scale_bf16,trl_packing_bf16).
 set -uo pipefail
 cd "$(dirname "$0")/.."

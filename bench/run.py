@@ -56,6 +56,9 @@ def parse_args(argv=None):
                     "each sft_scale switch its own process too (cleaner peak RSS, ~10 s of imports "
                     "more per switch)")
     ap.add_argument("--list", action="store_true", help="list the methods and exit")
+    ap.add_argument("--from-json", default=None, metavar="JSON", help="no training: write the "
+                    "markdown again (to --out) from the results JSON of an earlier run, e.g. "
+                    "after a change to bench/report.py")
     return ap.parse_args(argv)
 
 
@@ -194,6 +197,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     args = parse_args(argv)
+    if args.from_json:
+        return rerender(Path(args.from_json), Path(args.out) if args.out else None)
     spec = quick_spec(args.steps) if args.quick else default_spec(args.steps)
     reps = args.reps or (1 if args.quick else 3)
     isolation = args.isolation or ("none" if args.quick else "method")
@@ -305,6 +310,25 @@ def main(argv=None) -> int:
     failed = [n for n, rs in results.items()
               if any(not r.get("ok") and not r.get("unavailable") for r in rs)]
     return 1 if failed else 0
+
+
+def rerender(json_path: Path, out: Path | None) -> int:
+    from bench import report
+
+    d = json.loads(json_path.read_text())
+    spec = Spec.from_dict(d["spec"])
+    methods = [M.Method(**m) for m in d["methods"]]
+    total = d.get("total_s") or sum({r.get("process_wall_s", 0) for rs in d["runs"].values()
+                                      for r in rs})
+    doc = report.build(spec, d["lengths"], methods, d["runs"], reps=d["reps"],
+                       command=d["command"], machine=d["machine"],
+                       machine_after=d["machine_after"], total_s=total,
+                       quick=d.get("quick", False), isolation=d.get("isolation", "method"))
+    out = out or json_path.with_suffix(".md")
+    out.write_text(doc["markdown"])
+    json_path.write_text(json.dumps(doc["data"], indent=1, default=float))
+    print(f"bench: wrote {out} from {json_path}")
+    return 0
 
 
 def _safe(name: str) -> str:

@@ -90,7 +90,10 @@ class Spec:
 
     @classmethod
     def load(cls, path: Path) -> "Spec":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Spec":
         sub = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
         kw = {}
         for f in fields(cls):
