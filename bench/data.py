@@ -74,17 +74,10 @@ def build_model_dir(spec: Spec) -> Path:
     if (target / "model.safetensors").exists():
         return target
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tok = load_tokenizer()
-    m = spec.model
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = llama_config(spec, tok)
     torch.manual_seed(spec.data.seed)
     model = LlamaForCausalLM(config)
     tmp = target.with_name(target.name + ".tmp")
@@ -194,3 +187,17 @@ def length_summary(lengths: list[int]) -> dict:
     q = lambda p: s[min(len(s) - 1, int(p * len(s)))]  # noqa: E731
     return {"n": len(s), "mean": round(sum(s) / len(s), 1), "p50": q(0.5), "p90": q(0.9),
             "max": s[-1], "min": s[0]}
+
+
+def llama_config(spec, tok):
+    """The bench model's LlamaConfig: the spec's shape over the builtin tokenizer's vocabulary."""
+    from transformers import LlamaConfig
+
+    m = spec.model
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

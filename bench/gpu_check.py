@@ -70,22 +70,15 @@ def gpu_spec(dry_run: bool) -> Spec:
 def build_model_dir_gpu(spec: Spec, root: Path, device: str) -> Path:
     """The random-init Llama as a bf16 folder, initialised on the device (seconds, not minutes)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from bench.data import load_tokenizer
+    from bench.data import llama_config, load_tokenizer
 
     target = root / f"llama-{spec.name}"
     if (target / "config.json").exists():
         return target
     tok = load_tokenizer()
-    m = spec.model
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = llama_config(spec, tok)
     torch.manual_seed(spec.data.seed)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
