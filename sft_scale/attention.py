@@ -7,10 +7,12 @@ explicit mask leaves its causal fast path: attention costs L^2 instead of the su
 examples' own squared lengths. For 8 examples of up to 512 tokens (L ~ 2300) that made attention
 as expensive as all linear layers together on CPU, and packing slower than padding. Flash-attention
 2 has a varlen kernel for this; SDPA has none, so `packed_sdpa_attention_forward` does what varlen
-does with plain SDPA: it scatters the row into one padded row per example (right-padded to the
-longest example), runs causal SDPA (right padding never reaches a real query under a causal
-mask), and gathers the real positions back. The linear layers still see only real tokens, and no
-[L, L] mask is ever built. The example boundaries come from `cu_seq_lens_q` / `max_length_q`,
+does with plain SDPA. On CPU it runs causal SDPA on each example's slice of the row (measured on
+the bench model: ~10% less peak memory than the padded layout, and no slower). On GPU it
+scatters the row into one padded row per example (right-padded to the longest example), runs one
+batched causal SDPA (right padding never reaches a real query under a causal mask), and gathers
+the real positions back. The linear layers still see only real tokens, and no [L, L] mask is
+ever built. The example boundaries come from `cu_seq_lens_q` / `max_length_q`,
 which `collate_packed` writes next to the position ids (the same keys flash-attention's varlen
 path reads, so with flash_attention_2 the boundaries are not re-derived from position ids either).
 """
@@ -64,9 +66,10 @@ def resolve_attn_implementation(cfg) -> str:
 
 def load_attn_implementation(cfg) -> str:
     """What `from_pretrained(attn_implementation=...)` gets: the resolved implementation, with
-    sdpa replaced by the packed-row SDPA when the training batches are packed."""
+    sdpa replaced by the packed-row SDPA when the training batches are packed (`data.packing`
+    as resolved: true, not auto)."""
     impl = resolve_attn_implementation(cfg)
-    if impl == "sdpa" and cfg.data.packing and cfg.task == "causal_lm":
+    if impl == "sdpa" and cfg.data.packing is True and cfg.task == "causal_lm":
         register_packed_sdpa()
         return PACKED_SDPA
     return impl
@@ -105,6 +108,28 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask,
             or kwargs.get("is_causal", getattr(module, "is_causal", True)) is False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    if query.device.type == "cpu":
+        return _sdpa_each_example(sdpa_attention_forward, module, query, key, value,
+                                  cu_seq_lens_q, **kwargs)
+    return _sdpa_padded_examples(sdpa_attention_forward, module, query, key, value,
+                                 cu_seq_lens_q, max_length_q, **kwargs)
+
+
+def _sdpa_each_example(sdpa, module, query, key, value, cu_seq_lens_q, **kwargs):
+    """CPU: one causal SDPA call per example on slices of the row. Compute and saved activations
+    follow the examples' own lengths (no padding to the longest); the loop's per-call overhead
+    is small next to CPU attention, and reading the boundaries costs no device sync."""
+    bounds = cu_seq_lens_q.tolist()
+    outs = [sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                 is_causal=True, **kwargs)[0] for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim]
+
+
+def _sdpa_padded_examples(sdpa, module, query, key, value, cu_seq_lens_q, max_length_q,
+                          **kwargs):
+    """GPU: one batched causal SDPA call over the examples right-padded to the longest, built
+    with index ops only (a per-example loop would sync on the boundaries and launch a kernel
+    per example and layer)."""
     L, device = query.shape[2], query.device
     cu = cu_seq_lens_q.to(device=device, dtype=torch.long)
     n, width = cu.numel() - 1, int(max_length_q)
@@ -118,8 +143,8 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask,
         padded = x.new_zeros(h, n * width, d).index_copy(1, slot, x[0])
         return padded.view(h, n, width, d).transpose(0, 1)
 
-    out, _ = sdpa_attention_forward(module, unpack(query), unpack(key), unpack(value), None,
-                                    is_causal=True, **kwargs)
+    out, _ = sdpa(module, unpack(query), unpack(key), unpack(value), None, is_causal=True,
+                  **kwargs)
     # out: [n, width, heads, head_dim] -> the packed row [1, L, heads, head_dim]
     out = out.reshape(n * width, out.shape[2], out.shape[3]).index_select(0, slot)
     return out.unsqueeze(0), None

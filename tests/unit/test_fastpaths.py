@@ -149,6 +149,33 @@ def test_packed_sdpa_equals_sdpa_and_each_example_alone():
         start += n
 
 
+def test_both_packed_sdpa_layouts_agree_in_outputs_and_gradients():
+    """The CPU layout (a causal SDPA per example slice) and the GPU one (one batched call over
+    examples padded to the longest) are the same attention; the GPU one runs here on CPU
+    tensors, its index ops being device-agnostic."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import sft_scale.attention as A
+
+    module = type("Attn", (), {"is_causal": True, "num_key_value_groups": 2, "training": True})()
+    lengths = [5, 17, 1, 9]
+    cu = torch.tensor([0, 5, 22, 23, 32], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 32, 8, generator=g, requires_grad=True)
+    kv = [torch.randn(1, 2, 32, 8, generator=g, requires_grad=True) for _ in range(2)]
+    results = []
+    for layout in (A._sdpa_each_example, A._sdpa_padded_examples):
+        extra = {} if layout is A._sdpa_each_example else {"max_length_q": max(lengths)}
+        out, _ = layout(sdpa_attention_forward, module, q, *kv, cu, **extra)
+        assert out.shape == (1, 32, 4, 8)
+        grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(),
+                                    [q, *kv])
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_sdpa_model_still_masks_padded_batches():
     """The same model (loaded with the packed-row SDPA) on padded batches: ordinary SDPA."""
     register_packed_sdpa()
@@ -186,6 +213,30 @@ def test_auto_resolution_on_this_machine(monkeypatch):
     monkeypatch.setattr(L, "liger_installed", lambda: False)
     assert resolve_loss(cfg, softcapped)[0] == "standard"
     assert resolve_loss(cfg_with(task="classification"))[0] == "standard"
+
+
+def test_packing_auto_is_on_only_where_examples_stay_apart_and_attention_is_per_example():
+    from transformers import BloomConfig, LlamaConfig
+
+    llama, bloom = LlamaConfig(), BloomConfig()  # bloom's attention takes no example boundaries
+    cfg = cfg_with()
+    assert cfg.data.packing == "auto"
+    fast = resolve_fast_paths(cfg, None, llama)
+    # settled in the config itself: the sampler, collation and attention all read it
+    assert fast["packing"] is True and cfg.data.packing is True
+    assert fast["attention_kernel"] == "sdpa per packed example"
+    assert resolve_fast_paths(cfg_with(model={"attn_implementation": "eager"}), None,
+                              llama)["packing"] is False  # eager would score the whole row
+    assert resolve_fast_paths(cfg_with(), None, bloom)["packing"] is False
+    assert resolve_fast_paths(cfg_with(), None, None)["packing"] is False  # unknown model
+    assert resolve_fast_paths(cfg_with(task="classification"), None, llama)["packing"] is False
+    assert resolve_fast_paths(cfg_with(data={"packing": False}), None, llama)["packing"] is False
+    # explicit true is kept for eager, and refused where examples would attend to each other
+    assert resolve_fast_paths(cfg_with(data={"packing": True},
+                                       model={"attn_implementation": "eager"}), None,
+                              llama)["packing"] is True
+    with pytest.raises(ConfigError, match="data.packing: true.*'bloom'.*data.packing: false"):
+        resolve_fast_paths(cfg_with(data={"packing": True}), None, bloom)
 
 
 def test_impossible_switches_fail_early_naming_the_key(monkeypatch):
