@@ -76,7 +76,8 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     shape = model_shape(cfg)
     stage = int(report["deepspeed"][5]) if report["deepspeed"].startswith("ZeRO-") else None
     fast = resolve_fast_paths(cfg, stage, mc)  # an impossible switch fails here, not on the GPUs
-    report["fast_paths"] = {k: fast[k] for k in ("attention_kernel", "loss", "torch_compile")}
+    report["fast_paths"] = {k: fast[k] for k in ("attention_kernel", "packing", "loss",
+                                                 "torch_compile")}
     tokenizer = load_tokenizer(cfg)
     trainable = lora_params(shape, cfg.lora) if cfg.lora.enabled else shape.total_params
     report.update(model_type=mc.model_type, total_params=shape.total_params,
@@ -84,7 +85,7 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     print(f"model: {path} ({mc.model_type}, {shape.total_params:,} parameters, {trainable:,} "
           f"trainable); tokenizer: {len(tokenizer):,} tokens, eos {tokenizer.eos_token!r}, "
           f"pad {tokenizer.pad_token!r}; attention {fast['attention_kernel']} (on this machine), "
-          f"loss {fast['loss']}")
+          f"loss {fast['loss']}, packing {fast['packing_reason']}")
     if len(tokenizer) > shape.vocab_size:
         print(f"warning: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
               f"{shape.vocab_size}: ids beyond it would fail in the first batch")

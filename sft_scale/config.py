@@ -86,8 +86,11 @@ class DataConfig:
     max_seq_len: int = 512
     truncation: Literal["truncate", "drop"] = "truncate"
     # Padding-free: each micro-batch is one row of concatenated examples, position ids
-    # restarting at 0 per example, attention never crossing examples.
-    packing: bool = False
+    # restarting at 0 per example, attention never crossing examples; the same examples per
+    # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
+    # example (our packed SDPA or flash-attention 2) and the model passes example boundaries to
+    # its attention; off otherwise (sft_scale/fastpaths.py: resolve_packing).
+    packing: Union[bool, Literal["auto"]] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
     # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
@@ -439,7 +442,7 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise ConfigError(f"{src}: 'quantization.load_in_8bit' with 'lora.enabled: false' would "
                           "fine-tune frozen int8 weights. Enable LoRA, or drop 8-bit for full "
                           "fine-tuning.")
-    if cfg.task == "classification" and cfg.data.packing:
+    if cfg.task == "classification" and cfg.data.packing is True:
         raise ConfigError(f"{src}: 'data.packing' is for causal_lm: a classification head reads "
                           "one example per row. Set data.packing: false.")
     if cfg.task == "causal_lm" and cfg.eval.metric in ("accuracy", "f1"):

@@ -162,7 +162,7 @@ def run(cfg: Config) -> dict:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity)
 
     # 4. The loop; checkpoints on schedule and on preemption.
-    grouped = cfg.data.group_by_length and not cfg.data.packing
+    grouped = fast["group_by_length"]
     sampler = GlobalBatchSampler(len(train_ds), cfg.training.micro_batch_size,
                                  cfg.training.gradient_accumulation_steps, world,
                                  accelerator.process_index, cfg.training.seed,

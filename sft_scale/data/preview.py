@@ -49,8 +49,10 @@ def padding_efficiency(cfg: Config, dataset, world_size: int = 1, max_steps: int
 
 
 def preview(cfg: Config, n: int = 3) -> dict:
+    from sft_scale.fastpaths import model_config, resolve_fast_paths
     from sft_scale.model import load_tokenizer
 
+    resolve_fast_paths(cfg, None, model_config(cfg))  # settles data.packing: auto
     tokenizer = load_tokenizer(cfg)
     train, _eval, stats = build_datasets(cfg, tokenizer)
     for i in range(min(n, len(train))):
