@@ -11,7 +11,7 @@ import torch
 from sft_scale.config import Config
 from sft_scale.data import GlobalBatchSampler
 from sft_scale.data.collate import to_device
-from sft_scale.metrics import MetricsWriter
+from sft_scale.metrics import MetricsWriter, peak_memory_mb
 
 
 def total_steps(cfg: Config, n_examples: int, world_size: int) -> int:
@@ -77,7 +77,7 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
     bar = tqdm(total=steps, initial=state.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
-    t_last, tokens_last = time.perf_counter(), state.tokens_seen
+    t_last, tokens_last, step_last = time.perf_counter(), state.tokens_seen, state.step
     for item in batches:
         assert item["step"] == state.step, (item["step"], state.step)
         micro = item["micro"]
@@ -110,13 +110,16 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
         if state.step % cfg.training.logging_steps == 0 or state.step == steps:
             now = time.perf_counter()
             tps = (state.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, state.tokens_seen
+            step_s = (now - t_last) / max(state.step - step_last, 1)
+            t_last, tokens_last, step_last = now, state.tokens_seen, state.step
             lr = scheduler.get_last_lr()[0]
             gn = float(grad_norm) if grad_norm is not None else float("nan")
             metrics.write({"step": state.step, "epoch": round(sampler.epoch_at(state.step), 4),
                            "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
-                           "tokens_seen": state.tokens_seen, "trained_tokens": n_trained,
-                           "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1)})
+                           "step_time_s": step_s, "tokens_seen": state.tokens_seen,
+                           "slots_seen": state.slots_seen, "trained_tokens": n_trained,
+                           "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1),
+                           "peak_memory_mb": peak_memory_mb(accelerator.device)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         bar.update(1)
         if on_step_end is not None and on_step_end(state):

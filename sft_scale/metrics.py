@@ -10,6 +10,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def peak_memory_mb(device) -> float:
+    """This process's memory high-water mark so far, in MiB: on a GPU what PyTorch allocated
+    (torch.cuda.max_memory_allocated, what the planner estimates), on CPU the peak resident set
+    (ru_maxrss, which includes the interpreter and libraries)."""
+    import resource
+    import sys
+
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 class MetricsWriter:
     def __init__(self, path: Path | None, tensorboard_dir: Path | None = None,
                  wandb_config: dict | None = None):

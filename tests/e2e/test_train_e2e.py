@@ -46,8 +46,15 @@ def test_lora_run_loss_falls_and_adapter_reloads_with_plain_peft(tmp_path):
     metrics = train_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_mb"):
         assert all(key in m for m in metrics)
+    # per-step time and tokens/s describe the same interval; the demo packs (auto): no pad slots
+    for m, prev in zip(metrics[1:], metrics):
+        assert m["step_time_s"] * m["tokens_per_s"] == pytest.approx(
+            m["tokens_seen"] - prev["tokens_seen"], rel=1e-6)
+    assert metrics[-1]["slots_seen"] == metrics[-1]["tokens_seen"]
+    assert all(m["padding_efficiency"] == 1.0 for m in metrics)
+    assert 100 < metrics[-1]["peak_memory_mb"] < 64_000  # the process's peak RSS on CPU
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 10_000
