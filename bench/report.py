@@ -309,6 +309,22 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
         goal(f"{tag}: padding efficiency", _f(pe, "{:.0%}"), ">= 95%",
              None if pe is None else pe >= 0.95)
     w("")
+    gc = ours.get("sft_scale[gradient_checkpointing=true]")
+    if best_trl and c_tps:
+        bound = _ratio(c_tps, trl[best_trl]["tokens_per_s"])
+        w(f"How far the speed goals can go: a trainer running at exactly the ceiling would be "
+          f"{_f(bound, '{:.2f}x')} {best_trl} and "
+          f"{_f(_ratio(c_tps, trl.get('trl_defaults', {}).get('tokens_per_s')), '{:.2f}x')} "
+          "trl_defaults in this run; beyond that only computing less than the bare step does "
+          "(sft_scale's chunked loss skips the logits of untrained positions, which with a "
+          "vocabulary as small as this model's saves little).\n")
+    if gc and best_trl and lo_trl:
+        w(f"At TRL's own memory trade-off (gradient checkpointing on, as TRL's default): "
+          f"sft_scale[gradient_checkpointing=true] runs at "
+          f"{_f(_ratio(gc['tokens_per_s'], trl[best_trl]['tokens_per_s']), '{:.2f}x')} "
+          f"{best_trl}'s tokens/s with "
+          f"{_f(_ratio(gc.get('peak_rss_mb'), trl[lo_trl]['peak_rss_mb']), '{:.2f}x')} "
+          f"{lo_trl}'s peak RSS.\n")
 
     # ---- ladder
     w("## Where TRL's gap to the ceiling goes\n")

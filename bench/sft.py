@@ -45,9 +45,9 @@ def sft_argv(config: Path, out: Path, sets: list[str]) -> list[str]:
 
 
 def parse_sft_metrics(out: Path, warm: int) -> dict:
-    """Per-step numbers from metrics.jsonl (logging_steps=1). The loop logs, per step, the real
-    tokens seen so far, the tokens/s of the interval since the previous log and the cumulative
-    padding efficiency; step times and slot counts follow from them."""
+    """Per-step numbers from metrics.jsonl (logging_steps=1): the loop logs, per step, its time,
+    the real tokens and slots seen so far (older sft_scale: derived from tokens/s and the
+    cumulative padding efficiency)."""
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     recs = [r for r in recs if "loss" in r and "tokens_per_s" in r]
     summary = json.loads((out / "summary.json").read_text())
@@ -59,9 +59,12 @@ def parse_sft_metrics(out: Path, warm: int) -> dict:
     seen = [r["tokens_seen"] for r in recs]
     step_s, prev = [], 0
     for r, s in zip(recs, seen):
-        step_s.append((s - prev) / r["tokens_per_s"] if r["tokens_per_s"] else float("nan"))
+        if "step_time_s" in r:  # logged since sft_scale 2d08c45; older runs: from tokens/s
+            step_s.append(r["step_time_s"])
+        else:
+            step_s.append((s - prev) / r["tokens_per_s"] if r["tokens_per_s"] else float("nan"))
         prev = s
-    slots = [s / r["padding_efficiency"] for r, s in zip(recs, seen)]
+    slots = [r.get("slots_seen", s / r["padding_efficiency"]) for r, s in zip(recs, seen)]
     w = min(warm, len(recs) - 1)
     timed_s = sum(step_s[w:])
     real_timed = seen[-1] - (seen[w - 1] if w else 0)
