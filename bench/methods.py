@@ -90,7 +90,9 @@ SFT_SWITCHES: list[tuple[str, list]] = [
     ("data.pin_memory", [True, False]),
 ]
 SLOW_SWITCHES = {"training.torch_compile"}
-OWN_PROCESS = {"data.packing"}  # a contender: its peak RSS must not carry other runs' history
+# Switches whose point is memory get a fresh process: the others share one, and glibc keeps the
+# heap an earlier run grew (freed, not returned), which the next run's peak RSS would carry.
+OWN_PROCESS = {"data.packing", "training.gradient_checkpointing"}
 
 
 def _yaml(v) -> str:
