@@ -48,3 +48,20 @@ def test_bench_quick_reports_every_method(tmp_path, sft_scale_home):
     assert "python -m bench.run --quick --out " + str(out) in md
     for section in ("## Machine", "## Results", "## Where TRL's gap to the ceiling goes"):
         assert section in md
+
+
+def test_gpu_check_dry_run_runs_every_method_on_cpu(tmp_path, sft_scale_home):
+    """bench/gpu_check.py's code path (the script a lent GPU runs once, with no second chance)
+    on a tiny model on CPU. No GPU exists here: the CUDA numbers themselves cannot be tested."""
+    out = tmp_path / "gpu"
+    env = dict(os.environ, SFT_SCALE_HOME=str(sft_scale_home))
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out),
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "gpu_check.json").read_text())["results"]
+    assert {r["method"] for r in results} >= {"sft_scale_bf16", "sft_scale_8bit"}
+    for r in results:
+        assert r["ok"], (r["method"], r.get("error"))
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"]), r["method"]
+    assert "sft_scale_8bit" in (out / "gpu_check.md").read_text()
