@@ -71,10 +71,10 @@ def resolve_packing(cfg: Config, attn: str, mc=None) -> tuple[bool, str]:
 
 def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> dict:
     """{attn_implementation, attention_kernel, packing, packing_reason, group_by_length, loss,
-    loss_reason, torch_compile, num_workers, pin_memory}: what this run will use. Raises ConfigError for a
-    switch that cannot work here (flash_attention_2 without flash_attn, liger without
-    liger-kernel or CUDA, chunked under ZeRO-3, a negative worker count, packing on a model that
-    cannot keep packed examples apart).
+    loss_reason, torch_compile, num_workers, pin_memory}: what this run will use. Raises
+    ConfigError for a switch that cannot work here (flash_attention_2 without flash_attn, liger
+    without liger-kernel or CUDA, chunked under ZeRO-3, a negative worker count, packing on a
+    model that cannot keep packed examples apart).
 
     `data.packing: auto` is settled in `cfg` itself: it decides batching in the data pipeline,
     the sampler and the model's attention alike, and the saved config then says what ran."""
