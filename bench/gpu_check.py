@@ -16,6 +16,7 @@ gpu_check.md to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -25,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.spec import DataSpec, ModelSpec, Spec, TrainSpec
+from bench.spec import DataSpec, ModelSpec, Spec, TrainSpec, quick_spec
 
 PEAK_BF16 = 989e12  # H200 SXM dense bf16, datasheet (device docs H200.md)
 MEASURED_BF16 = 790e12  # 8192^3 bf16 matmul measured on these machines (device docs KINDS.md)
@@ -50,13 +51,7 @@ METHODS = [
 
 def gpu_spec(dry_run: bool) -> Spec:
     if dry_run:  # the --quick shapes: checks the code path, measures nothing
-        return Spec(name="gpu-dry",
-                    model=ModelSpec(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256),
-                    data=DataSpec(max_seq_len=64, instruction_median=6, input_median=8,
-                                  output_median=10),
-                    train=TrainSpec(micro_batch_size=4, steps=3))
+        return dataclasses.replace(quick_spec(steps=3), name="gpu-dry")
     # TinyLlama-1.1B's shape with the builtin tokenizer's small vocabulary: ~0.97B parameters.
     return Spec(name="gpu-1b",
                 model=ModelSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
