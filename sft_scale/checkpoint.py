@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sft_scale.config import Config, ConfigError
+from sft_scale.errors import CheckpointError  # noqa: F401  (re-exported)
 from sft_scale.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 _HASH_LIMIT = 256 * 2**20  # checksum files up to this size; larger ones are checked by size
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says which and why."""
 
 
 def checkpoint_root(out_dir: Path) -> Path:

@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sft_scale.config import ConfigError
-from sft_scale.data.sources import DataError
+from sft_scale.errors import ConfigError, run_reporting_errors
 
 def _zero_arg(text: str):
     if text == "auto":
@@ -282,20 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from sft_scale.merge import MergeError
-        if not isinstance(e, MergeError):
-            raise
-        print(f"merge error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

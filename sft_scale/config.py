@@ -18,9 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message says where and how."""
+from sft_scale.errors import ConfigError  # noqa: F401  (re-exported: its historic home)
 
 
 @dataclass

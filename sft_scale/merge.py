@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.config import ConfigError
+from sft_scale.errors import ConfigError, MergeError
 from sft_scale.io_utils import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.1}
 PROBE_PROMPTS = ["Review: the soup was awful\nSentiment:", "Hello, my name is",
                  "The capital of France is"]
-
-
-class MergeError(RuntimeError):
-    """Merging or exporting failed; nothing was written."""
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -105,7 +101,7 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:
         if "size mismatch" in str(e):
-            raise MergeError(f"adapter {adapter} does not fit base {base_path}: shapes differ "
+            raise ConfigError(f"adapter {adapter} does not fit base {base_path}: shapes differ "
                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
                              "The adapter was trained on another base; pass the right --base.") from None
         raise

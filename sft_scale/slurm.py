@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft_scale.config import ConfigError, load_config
+from sft_scale.config import load_config
+from sft_scale.errors import ClusterError, ConfigError
 from sft_scale.launch import Layout, launch_command
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -139,7 +140,7 @@ def submit(config: str, opts: SlurmOptions, overrides: list[str] = (),
         node_path.unlink(missing_ok=True)
         for p in reversed(created):
             shutil.rmtree(p, ignore_errors=True)
-        raise ConfigError(f"sbatch refused the job: {res.stderr.strip() or res.stdout.strip()}")
+        raise ClusterError(f"sbatch refused the job: {res.stderr.strip() or res.stdout.strip()}")
     job_id = res.stdout.strip().split(";")[0]
     with open(out / "slurm" / "jobs.jsonl", "a") as f:
         f.write(json.dumps({"job_id": job_id, "script": str(script_path),
@@ -184,5 +185,5 @@ def cancel(output_dir: str) -> str:
     job = last_job(output_dir)
     res = _run(["scancel", job["job_id"]])
     if res.returncode != 0:
-        raise ConfigError(f"scancel {job['job_id']}: {res.stderr.strip()}")
+        raise ClusterError(f"scancel {job['job_id']}: {res.stderr.strip()}")
     return job["job_id"]

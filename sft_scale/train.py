@@ -23,7 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from sft_scale.config import Config, ConfigError, dump_yaml, load_config
+from sft_scale.config import Config, dump_yaml, load_config
+from sft_scale.errors import run_reporting_errors
 from sft_scale.loop import LoopState
 
 log = logging.getLogger("sft_scale")
@@ -40,22 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sft_scale.checkpoint import CheckpointError
-    from sft_scale.data import DataError
     from sft_scale.preemption import PREEMPTED_EXIT_CODE
 
-    try:
-        cfg = load_config(args.config, args.overrides, args.output_dir)
-        summary = run(cfg)
-    except (ConfigError, DataError) as e:
-        # A user-fixable problem: one clear line, not a traceback.
-        kind = "config" if isinstance(e, ConfigError) else "data"
-        print(f"{kind} error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 3
-    return PREEMPTED_EXIT_CODE if summary.get("ended") == "preempted" else 0
+    def train() -> int:
+        summary = run(load_config(args.config, args.overrides, args.output_dir))
+        return PREEMPTED_EXIT_CODE if summary.get("ended") == "preempted" else 0
+
+    return run_reporting_errors(train)
 
 
 def run(cfg: Config) -> dict:

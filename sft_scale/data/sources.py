@@ -8,10 +8,7 @@ import random
 from pathlib import Path
 
 from sft_scale.config import DatasetSource
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file, the line or record, and the fix."""
+from sft_scale.errors import DataError  # noqa: F401  (re-exported)
 
 
 SOURCE_COLUMN = "_source"

@@ -151,7 +151,7 @@ def test_bad_submissions_fail_clearly_and_leave_nothing(cluster, tmp_path):
     assert not out.exists()
     # sbatch itself refusing (an impossible request) also leaves nothing behind
     res = submit(cluster, out, "--time", "not-a-time")
-    assert res.returncode == 2 and "sbatch refused the job" in res.stderr
+    assert res.returncode == 5 and "cluster error: sbatch refused the job" in res.stderr
     assert not out.exists()
 
 
