@@ -36,8 +36,19 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
+    # bitsandbytes LLM.int8 (8-bit) or 4-bit (QLoRA) frozen base weights; LoRA only, one of the two.
     load_in_8bit: bool = False
     llm_int8_threshold: float = 6.0
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # nf4: QLoRA's normal-float 4-bit
+    # Quantize the per-block scales too (~0.37 fewer bits per parameter, QLoRA's default).
+    bnb_4bit_use_double_quant: bool = True
+    # The dtype 4-bit layers dequantize to and compute in; null follows model.dtype.
+    bnb_4bit_compute_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    # The dtype the packed 4-bit bytes are stored as. auto: uint8, except under ZeRO-3 the
+    # compute dtype, so that ZeRO-3 can partition them with the other weights (PEFT's
+    # "DeepSpeed + QLoRA" route; sft_scale/model.py: quant_storage_dtype).
+    bnb_4bit_quant_storage: Literal["auto", "uint8", "fp32", "bf16", "fp16"] = "auto"
 
 
 @dataclass
@@ -120,6 +131,10 @@ class TrainingConfig:
     # (sft_scale/loss.py).
     loss: Literal["auto", "standard", "chunked", "liger"] = "auto"
     torch_compile: bool = False  # torch.compile the repeated decoder blocks (regional)
+    # adamw: torch's. adamw_8bit: bitsandbytes' block-wise 8-bit states (4x less optimizer
+    # memory). paged_adamw_8bit / paged_adamw_32bit: bitsandbytes' states in CUDA unified
+    # memory, paged to CPU RAM under memory pressure (CUDA only). See loop.py: build_optimizer.
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
 
 
 @dataclass
@@ -436,10 +451,19 @@ def validate(cfg: Config, src: str = "<config>") -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{src}: '{key}' {msg}")
-    if cfg.quantization.load_in_8bit and not cfg.lora.enabled:
+    q = cfg.quantization
+    if q.load_in_8bit and q.load_in_4bit:
+        raise ConfigError(f"{src}: 'quantization.load_in_8bit' and 'quantization.load_in_4bit' "
+                          "are both true; a base is quantized one way. Keep one: load_in_4bit "
+                          "(QLoRA, least memory) or load_in_8bit (LLM.int8).")
+    if q.load_in_8bit and not cfg.lora.enabled:
         raise ConfigError(f"{src}: 'quantization.load_in_8bit' with 'lora.enabled: false' would "
                           "fine-tune frozen int8 weights. Enable LoRA, or drop 8-bit for full "
                           "fine-tuning.")
+    if q.load_in_4bit and not cfg.lora.enabled:
+        raise ConfigError(f"{src}: 'quantization.load_in_4bit' with 'lora.enabled: false' would "
+                          "fine-tune frozen 4-bit weights. Enable LoRA (QLoRA), or drop 4-bit for "
+                          "full fine-tuning.")
     if cfg.task == "classification" and cfg.data.packing is True:
         raise ConfigError(f"{src}: 'data.packing' is for causal_lm: a classification head reads "
                           "one example per row. Set data.packing: false.")

@@ -1,4 +1,4 @@
-"""Tokenizer and model: dtype, attention, bitsandbytes 8-bit, k-bit preparation, LoRA (PEFT)."""
+"""Tokenizer and model: dtype, attention, bitsandbytes 8-bit/4-bit, k-bit preparation, LoRA (PEFT)."""
 
 from __future__ import annotations
 
@@ -31,12 +31,49 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
+def quantized(cfg: Config) -> bool:
+    return cfg.quantization.load_in_8bit or cfg.quantization.load_in_4bit
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """4-bit layers dequantize to this dtype for each matmul: bnb_4bit_compute_dtype, else the
+    model's dtype (fp32 for auto: the checkpoint's dtype is not known before loading)."""
+    name = cfg.quantization.bnb_4bit_compute_dtype or cfg.model.dtype
+    return DTYPES[name] if name != "auto" else torch.float32
+
+
+def quant_storage_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype:
+    """uint8 packs two 4-bit values per byte. ZeRO-3 flattens and partitions parameters of one
+    floating dtype, so under it the packed bytes are stored as the compute dtype instead (the
+    same bytes, viewed as bf16/fp32 elements), as PEFT's "DeepSpeed + QLoRA" guide does."""
+    name = cfg.quantization.bnb_4bit_quant_storage
+    if name == "auto":
+        return compute_dtype(cfg) if zero_stage == 3 else torch.uint8
+    return torch.uint8 if name == "uint8" else DTYPES[name]
+
+
+def bnb_config(cfg: Config, zero_stage: int | None = None):
+    """The BitsAndBytesConfig for `cfg.quantization`, or None when the base is not quantized."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.llm_int8_threshold)
+    if q.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(cfg),
+            bnb_4bit_quant_storage=quant_storage_dtype(cfg, zero_stage))
+    return None
+
+
 def load_model(cfg: Config, device_index: int | None = None, labels: list[str] | None = None,
-               problem: str | None = None, pad_token_id: int | None = None):
+               problem: str | None = None, pad_token_id: int | None = None,
+               zero_stage: int | None = None):
     """The model, quantized and wrapped with LoRA as the config says, ready for training: a causal
     LM, or for task: classification a sequence-classification head over `labels`."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              BitsAndBytesConfig)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from sft_scale.attention import load_attn_implementation
 
@@ -44,9 +81,9 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                   dtype=DTYPES[cfg.model.dtype], attn_implementation=load_attn_implementation(cfg),
                   use_safetensors=True)
-    if cfg.quantization.load_in_8bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=cfg.quantization.llm_int8_threshold)
+    quant = bnb_config(cfg, zero_stage)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
         # bitsandbytes quantizes while placing weights, so each rank loads onto its own device.
         kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
     if cfg.task == "classification":
@@ -61,15 +98,20 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if cfg.quantization.load_in_8bit:
-        n8 = sum(type(m).__name__ == "Linear8bitLt" for m in model.modules())
-        if n8 == 0:
-            raise RuntimeError(f"load_in_8bit was asked for but {path} loaded no int8 layer")
-        log.info("quantization: bitsandbytes LLM.int8, %d Linear8bitLt layers", n8)
+    if quant is not None:
+        layer = "Linear8bitLt" if cfg.quantization.load_in_8bit else "Linear4bit"
+        n = sum(type(m).__name__ == layer for m in model.modules())
+        if n == 0:
+            raise RuntimeError(f"quantization was asked for but {path} loaded no {layer} layer")
+        what = "LLM.int8" if cfg.quantization.load_in_8bit else (
+            f"4-bit {quant.bnb_4bit_quant_type}, double quantization "
+            f"{quant.bnb_4bit_use_double_quant}, compute {quant.bnb_4bit_compute_dtype}, "
+            f"storage {quant.bnb_4bit_quant_storage}")
+        log.info("quantization: bitsandbytes %s, %d %s layers", what, n, layer)
     model.config.use_cache = False  # the KV cache only costs memory during training
 
     gc = cfg.training.gradient_checkpointing
-    if cfg.quantization.load_in_8bit:
+    if quant is not None:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc,

@@ -138,7 +138,7 @@ def run(cfg: Config) -> dict:
     # 3. Model, optimizer, schedule; then the checkpoint's state over them.
     set_seed(cfg.training.seed)
     model = load_model(cfg, accelerator.local_process_index, labels, problem,
-                       tokenizer.pad_token_id)
+                       tokenizer.pad_token_id, zero_stage=stage)
     if cfg.training.torch_compile:
         compile_model(model)  # in place, before prepare: see compile_model
     trainable, total = count_parameters(model)
