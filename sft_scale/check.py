@@ -112,7 +112,8 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
           f"tokens per example; {per_epoch:,} steps per epoch; {steps:,} steps, "
           f"~{report['total_tokens']:,} tokens in all")
 
-    tb = 4 if cfg.quantization.load_in_8bit and cfg.lora.enabled else dtype_bytes(cfg, shape)
+    quantized = cfg.quantization.load_in_8bit or cfg.quantization.load_in_4bit
+    tb = 4 if quantized and cfg.lora.enabled else dtype_bytes(cfg, shape)
     per_ckpt = checkpoint_bytes(cfg, trainable, tb)
     need = per_ckpt * (cfg.checkpoint.keep_last + 1) + final_output_bytes(
         cfg, trainable, shape.total_params, tb)  # +1: the old one stays until the new is done

@@ -21,7 +21,14 @@ def total_steps(cfg: Config, n_examples: int, world_size: int) -> int:
                             / cfg.global_batch_size(world_size)))
 
 
+# training.optimizer -> the bitsandbytes class (adamw is torch's own).
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
 def build_optimizer(model, cfg: Config):
+    """AdamW over the trainable parameters, torch's or bitsandbytes' (training.optimizer). The
+    device check (sft_scale/preflight.py: check_optimizer) ran before any weights loaded."""
     t = cfg.training
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -31,8 +38,13 @@ def build_optimizer(model, cfg: Config):
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate,
-                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb  # optional: only these optimizers need it
+
+    return getattr(bnb.optim, BNB_OPTIMIZERS[t.optimizer])(groups, **kwargs)
 
 
 def build_scheduler(optimizer, cfg: Config, steps: int):

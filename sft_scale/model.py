@@ -84,8 +84,9 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
     quant = bnb_config(cfg, zero_stage)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        # bitsandbytes quantizes while placing weights, so each rank loads onto its own device.
-        kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
+        if zero_stage != 3:  # under ZeRO-3 transformers places (and partitions) the weights
+            # bitsandbytes quantizes while placing weights, so each rank loads onto its own device.
+            kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
     if cfg.task == "classification":
         # Binary: one logit with BCE; otherwise one logit per label.
         # (A binary head's single logit scores the second label; id2label must say so, since

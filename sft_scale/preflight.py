@@ -79,6 +79,31 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict | None
     return ds
 
 
+def check_optimizer(cfg: Config, device: str | None = None) -> None:
+    """training.optimizer against the device this process trains on (run in the job, where the
+    device is, before any weights load: a login node without GPUs decides nothing here)."""
+    import torch
+
+    name = cfg.training.optimizer
+    if name == "adamw":
+        return
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("paged_") and device != "cuda":
+        # bitsandbytes pages optimizer state through CUDA unified memory; on other devices it
+        # silently falls back to the unpaged optimizer, which is not what was asked for.
+        raise ConfigError(f"training.optimizer: {name} pages optimizer state between GPU and "
+                          f"CPU memory (CUDA unified memory); this process trains on {device}, "
+                          f"where there is nothing to page. Use training.optimizer: "
+                          f"{name.replace('paged_', '')} here (the same update without paging), "
+                          "or run on a CUDA GPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"training.optimizer: {name} needs bitsandbytes, which is not "
+                          "installed: pip install bitsandbytes, or use training.optimizer: "
+                          "adamw") from None
+
+
 def check_compatibility(cfg: Config, ds: dict | None, source: str = "<deepspeed config>") -> None:
     stage = zero_stage(ds) if ds else None
     z = (ds or {}).get("zero_optimization", {})
@@ -90,6 +115,18 @@ def check_compatibility(cfg: Config, ds: dict | None, source: str = "<deepspeed 
                           "quantization.load_in_8bit for ZeRO-3.")
     if offload and stage not in (1, 2, 3):
         raise ConfigError(f"{source}: CPU offload needs ZeRO stage 1-3, got stage {stage}")
+    q = cfg.quantization
+    if q.load_in_4bit and stage == 3 and q.bnb_4bit_quant_storage == "uint8":
+        raise ConfigError(f"{source}: ZeRO-3 partitions floating-point parameters, and "
+                          "quantization.bnb_4bit_quant_storage: uint8 keeps the packed 4-bit "
+                          "weights as bytes. Set bnb_4bit_quant_storage: auto (the compute dtype "
+                          "under ZeRO-3), or use ZeRO-2 (distributed.zero: 2).")
+    if offload and cfg.training.optimizer != "adamw":
+        raise ConfigError(f"{source}: CPU offload runs the optimizer step on the CPU with "
+                          f"DeepSpeed's own CPU Adam; training.optimizer: "
+                          f"{cfg.training.optimizer} (bitsandbytes) cannot run there. Use "
+                          "training.optimizer: adamw with offload, or drop offload to keep "
+                          f"{cfg.training.optimizer}.")
     if cfg.distributed.zero is not None and stage is not None and stage != cfg.distributed.zero \
             and ds_config_path(cfg) != cfg.distributed.deepspeed_config:
         log.warning("distributed.zero=%s but the DeepSpeed config in use (%s) is stage %s; the "

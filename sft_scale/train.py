@@ -68,11 +68,12 @@ def run(cfg: Config) -> dict:
     from sft_scale.fastpaths import model_config, resolve_fast_paths
     from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
-    from sft_scale.preflight import resolve_deepspeed
+    from sft_scale.preflight import check_optimizer, resolve_deepspeed
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
     ds_config = resolve_deepspeed(cfg)
+    check_optimizer(cfg)
     accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,

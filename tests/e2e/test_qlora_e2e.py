@@ -1,0 +1,78 @@
+"""4-bit (QLoRA) runs: one process, DDP and every ZeRO stage on CPU (gloo), each equal to its
+one-process equivalent; adapters that plain peft loads on a 4-bit and a full-precision base."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, run_train, train_metrics
+
+pytestmark = pytest.mark.slow
+
+Q4 = "quantization.load_in_4bit=true"
+SMALL = ("training.max_steps=4", "training.micro_batch_size=4", "training.logging_steps=1",
+         "logging.plot=false", Q4)
+
+
+def ds_launch(stage: str) -> list[str]:
+    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / f"{stage}.json")]
+
+
+def losses(out):
+    return [m["loss"] for m in train_metrics(out)]
+
+
+def adapter(out):
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(a, b):
+    assert losses(a) == pytest.approx(losses(b), rel=1e-4)
+    wa, wb = adapter(a), adapter(b)
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        assert wa[k].numel() > 0, f"{k} was saved empty (partitioned, not gathered)"
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """1 process x 2 accumulation steps: the global batch of 2 processes x 1."""
+    out = tmp_path_factory.mktemp("q4one") / "run"
+    proc = run_train(out, *SMALL, "training.gradient_accumulation_steps=2")
+    assert "14 Linear4bit layers" in proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q4z2") / "run"
+    proc = run_train(out, *SMALL, nproc=2, extra_launch=ds_launch("zero2"))
+    assert "distributed: DEEPSPEED, world size 2" in proc.stderr and "Linear4bit" in proc.stderr
+    return out
+
+
+def test_4bit_ddp_two_processes_equal_one_process(one_process, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_train(out, *SMALL, nproc=2)
+    assert "world size 2" in proc.stderr and "Linear4bit" in proc.stderr
+    assert_same_run(out, one_process)
+
+
+def test_4bit_zero2_two_processes_equal_one_process(zero2, one_process):
+    assert_same_run(zero2, one_process)
+
+
+def test_4bit_zero3_stores_packed_weights_as_the_compute_dtype_and_equals_zero2(zero2, tmp_path):
+    """PEFT's DeepSpeed + QLoRA route: bnb_4bit_quant_storage = compute dtype (auto does it), no
+    device_map, transformers partitions the packed weights while loading."""
+    out = tmp_path / "z3"
+    proc = run_train(out, *SMALL, nproc=2, extra_launch=ds_launch("zero3"))
+    assert "storage torch.float32, 14 Linear4bit layers" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["zero_stage"] == 3
+    assert_same_run(out, zero2)
