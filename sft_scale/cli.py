@@ -128,10 +128,16 @@ def cmd_merge(args) -> int:
     from sft_scale.merge import merge
 
     report = merge(args.adapter, args.out, args.base, args.dtype, args.max_shard_size,
-                   args.overwrite)
+                   args.overwrite, dequantize=args.dequantize)
     print(f"merged into {args.out}: max |logit diff| vs base+adapter "
           f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']}), greedy "
           f"generations equal: {report['greedy_generations_equal']}")
+    shift = report["shift_vs_training"]
+    if shift:
+        print(f"shift vs the model training produced ({report['trained_on']} base, merged into "
+              f"the {report['merged_into']}; {shift['positions']} probe positions): max |logit "
+              f"diff| {shift['max_abs_logit_diff']:.3g}, mean {shift['mean_abs_logit_diff']:.3g}, "
+              f"greedy agreement {shift['greedy_agreement']:.1%}")
     return 0
 
 
@@ -253,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dequantize", action="store_true",
+                   help="for a run trained on an 8-bit/4-bit base: merge into the dequantized "
+                        "quantized weights (reproduces the trained model) instead of the "
+                        "original full-precision ones")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="clean adapter / consolidated model from a checkpoint")

@@ -5,6 +5,12 @@ the merge lossy), even when training was 8-bit. Before anything is kept, the mer
 are compared with base+adapter at the same precision, and greedy generations too. Output is
 written to a temporary sibling folder and renamed into place only after it verified and
 reloaded, so a failure leaves no half-written model.
+
+A model trained on a quantized (8-bit/4-bit) base learned its adapter against the quantized
+weights. Merged into the original full-precision weights (the default) it is a slightly different
+model; merged into the dequantized weights (`--dequantize`) it is the model training produced.
+Either way the shift is measured on the run's probe batch (probe.safetensors: training's own
+logits) and reported, with a warning above SHIFT_WARN_*.
 """
 
 from __future__ import annotations
@@ -28,6 +34,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.1}
 PROBE_PROMPTS = ["Review: the soup was awful\nSentiment:", "Hello, my name is",
                  "The capital of France is"]
+# Warn when the merged model departs from what training produced (probe.safetensors) by more
+# than this. Without quantization an fp32 merge reproduces training within ~1e-5, so a shift is
+# quantization's (or a lower --dtype's). One logit unit multiplies a token's odds by e (2.7x);
+# below 99% greedy agreement more than one next-token choice in a hundred changes. Both are
+# scale-free, so they hold for any model size.
+SHIFT_WARN_MAX_LOGIT = 1.0
+SHIFT_WARN_AGREEMENT = 0.99
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -79,8 +92,66 @@ def _logits_and_greedy(model, inputs, tokenizer) -> tuple[torch.Tensor, list[lis
     return logits, gen[:, inputs["input_ids"].shape[1]:].tolist()
 
 
+def training_config(adapter: Path):
+    """The Config the run that wrote `adapter` trained with (its manifest.json), or None when the
+    adapter does not sit in a run folder."""
+    from sft_scale.config import config_from_dict
+
+    manifest = adapter.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return config_from_dict(json.loads(manifest.read_text())["config"], str(manifest))
+    except (ValueError, KeyError, ConfigError) as e:
+        log.warning("%s: cannot read the training config (%s); merging without it", manifest, e)
+        return None
+
+
+def quantization_name(cfg) -> str | None:
+    q = cfg.quantization if cfg is not None else None
+    if q is None or not (q.load_in_8bit or q.load_in_4bit):
+        return None
+    return "8-bit (LLM.int8)" if q.load_in_8bit else f"4-bit {q.bnb_4bit_quant_type}"
+
+
+def load_dequantized_base(base_path: str, train_cfg, dtype: str):
+    """The base as training saw it: quantized exactly as the run did, then each quantized Linear
+    replaced by a plain one holding the dequantized weights (transformers' dequantize)."""
+    from transformers import AutoModelForCausalLM
+
+    from sft_scale.model import bnb_config
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=DTYPES[dtype], use_safetensors=True,
+        quantization_config=bnb_config(train_cfg), device_map={"": "cpu"})
+    return model.dequantize().to(DTYPES[dtype])
+
+
+@torch.no_grad()
+def probe_shift(model, probe_file: Path) -> dict | None:
+    """The merged model's logits on the run's probe batch vs the logits training produced."""
+    from safetensors.torch import load_file
+
+    if not probe_file.is_file():
+        return None
+    probe = load_file(str(probe_file))
+    logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    if logits.shape != probe["logits"].shape:  # e.g. a classification run's probe
+        return None
+    mask = probe["attention_mask"].bool()
+    got, want = logits.float()[mask], probe["logits"][mask]
+    diff = (got - want).abs()
+    shift = {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
+             "greedy_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+             "positions": int(mask.sum())}
+    shift["warn"] = shift["max_abs_logit_diff"] > SHIFT_WARN_MAX_LOGIT \
+        or shift["greedy_agreement"] < SHIFT_WARN_AGREEMENT
+    return shift
+
+
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp32",
-          max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
+          max_shard_size: str = "5GB", overwrite: bool = False,
+          dequantize: bool = False) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,8 +166,18 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
-                                                 use_safetensors=True)
+    train_cfg = training_config(adapter)
+    quantized = quantization_name(train_cfg)
+    if dequantize and quantized is None:
+        raise ConfigError(f"--dequantize: {adapter.parent / 'manifest.json'} "
+                          + ("is missing, so how the base was quantized is unknown"
+                             if train_cfg is None else "says the run trained on an unquantized "
+                             "base") + "; merge without --dequantize.")
+    if dequantize:
+        model = load_dequantized_base(base_path, train_cfg, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
+                                                     use_safetensors=True)
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:
@@ -113,7 +194,19 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
     diff = (logits[mask] - ref_logits[mask]).abs().max().item()
     report = {"base": base_path, "adapter": str(adapter), "dtype": dtype,
               "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype],
-              "greedy_generations_equal": gen == ref_gen}
+              "greedy_generations_equal": gen == ref_gen, "trained_on": quantized or "unquantized",
+              "merged_into": f"dequantized {quantized} weights" if dequantize
+              else "original weights",
+              # best_adapter's probe is not the final adapter's: compare only the final one
+              "shift_vs_training": probe_shift(merged, adapter.parent / "probe.safetensors")
+              if adapter.name == "adapter" else None}
+    shift = report["shift_vs_training"]
+    if shift and shift["warn"]:
+        log.warning("the merged model departs from the one training produced: max |logit diff| "
+                    "%.3g, greedy agreement %.1f%% on the run's probe batch%s",
+                    shift["max_abs_logit_diff"], 100 * shift["greedy_agreement"],
+                    "; merge with --dequantize to keep the training-time model"
+                    if quantized and not dequantize else "")
     log.info("merge verification: %s", report)
     if diff > TOLERANCE[dtype]:
         raise MergeError(f"merged model disagrees with base+adapter: max |logit diff| {diff:.3g} "
@@ -144,7 +237,14 @@ def model_card(report: dict, adapter: Path) -> str:
              f"- precision: {report['dtype']}",
              f"- verification: max |logit diff| vs base+adapter = {report['max_abs_logit_diff']:.3g}"
              f" (tolerance {report['tolerance']}); greedy generations equal: "
-             f"{report['greedy_generations_equal']}"]
+             f"{report['greedy_generations_equal']}",
+             f"- trained on: {report['trained_on']} base; merged into the "
+             f"{report['merged_into']}"]
+    shift = report.get("shift_vs_training")
+    if shift:
+        lines.append(f"- shift vs the model training produced (probe batch): max |logit diff| "
+                     f"{shift['max_abs_logit_diff']:.3g}, mean {shift['mean_abs_logit_diff']:.3g},"
+                     f" greedy agreement {shift['greedy_agreement']:.1%}")
     manifest = run / "manifest.json"
     if manifest.exists():
         m = json.loads(manifest.read_text())
