@@ -102,18 +102,24 @@ def generation_records(cfg, tokenizer, sources) -> list[dict]:
 
 
 def eval_before_after(cfg, adapter_dir: str | None, sources) -> dict:
-    """Generation metrics of the base, and of base+adapter, loaded the plain peft way."""
+    """Generation metrics of the base, and of base+adapter, loaded the plain peft way; the base
+    quantized as training had it (quantization.*), so a QLoRA adapter is measured on the model
+    it was trained with."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from sft_scale.builtin import resolve_model_path
-    from sft_scale.model import load_tokenizer
+    from sft_scale.model import bnb_config, load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     records = generation_records(cfg, tokenizer, sources)
+    quant = bnb_config(cfg)
+    kwargs = {"quantization_config": quant, "device_map": {"": 0 if torch.cuda.is_available()
+                                                          else "cpu"}} if quant else {}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path),
-                                                 dtype=torch.float32, use_safetensors=True)
+                                                 dtype=torch.float32, use_safetensors=True,
+                                                 **kwargs)
     result = {"before": evaluate_generation(model, tokenizer, records, cfg.eval.max_new_tokens)}
     if adapter_dir:
         model = PeftModel.from_pretrained(model, adapter_dir)

@@ -148,9 +148,33 @@ def dtype_bytes(cfg, shape: ModelShape) -> int:
     return 2 if d in ("bf16", "fp16", "bfloat16", "float16") else 4
 
 
+# bitsandbytes 4-bit: one absmax per 64 weights; double quantization stores those as uint8 with
+# one fp32 absmax per 256 of them, a 256-entry fp32 code book and an fp32 offset per layer;
+# every layer keeps its 16-entry fp32 NF4/FP4 code book.
+BNB4_BLOCK, BNB4_BLOCK2 = 64, 256
+
+
+def bnb4_linear_bytes(n: int, double_quant: bool) -> int:
+    """Bytes of one bitsandbytes 4-bit Linear weight of `n` parameters: 0.5 byte per parameter
+    packed, plus its quantization constants (functional.quantize_4bit's QuantState)."""
+    blocks = -(-n // BNB4_BLOCK)
+    constants = 16 * 4
+    if double_quant:
+        constants += blocks + 4 * -(-blocks // BNB4_BLOCK2) + 256 * 4 + 4
+    else:
+        constants += 4 * blocks
+    return -(-n // 2) + constants
+
+
 def _base_weight_bytes(cfg, shape: ModelShape, wb: int) -> int:
-    if not cfg.quantization.load_in_8bit:
+    q4 = cfg.quantization.load_in_4bit
+    if not (cfg.quantization.load_in_8bit or q4):
         return shape.total_params * wb
+    if q4:  # the output head stays unquantized, the rest is upcast to fp32 as for 8-bit
+        q = {n: i * o for n, (i, o, _) in shape.linear_shapes.items() if n != shape.output_head}
+        packed = sum(bnb4_linear_bytes(n, cfg.quantization.bnb_4bit_use_double_quant)
+                     for n in q.values())
+        return packed + 4 * (shape.total_params - sum(q.values()))
     # int8 Linear weights plus one fp32 scale per output row; bitsandbytes keeps the output head
     # unquantized, and prepare_model_for_kbit_training upcasts every non-int8 parameter to fp32.
     q = {n: s for n, s in shape.linear_shapes.items() if n != shape.output_head}
@@ -161,18 +185,19 @@ def _base_weight_bytes(cfg, shape: ModelShape, wb: int) -> int:
 def model_states(cfg, shape: ModelShape, stage: int, offload: bool, world: int) -> dict:
     """Per-GPU bytes of weights, fp32 master copy, gradients and AdamW states."""
     wb = dtype_bytes(cfg, shape)
-    eight_bit = cfg.quantization.load_in_8bit
+    quantized = cfg.quantization.load_in_8bit or cfg.quantization.load_in_4bit
     if cfg.lora.enabled:
         trainable = lora_params(shape, cfg.lora)
         frozen = _base_weight_bytes(cfg, shape, wb)
-        tb = 4 if eight_bit else wb  # adapters on an 8-bit base stay fp32 (PEFT upcasts them)
+        tb = 4 if quantized else wb  # adapters on a quantized base stay fp32 (PEFT upcasts them)
     else:
         trainable, frozen, tb = shape.total_params, 0, wb
     mixed = tb == 2  # 16-bit training keeps fp32 master weights and fp32 gradients for the step
     weights = frozen + trainable * tb
     master = 4 * trainable if mixed else 0
     grads16, grads32 = trainable * tb, (4 * trainable if mixed else 0)
-    optim = 8 * trainable  # AdamW: exp_avg and exp_avg_sq in fp32
+    # AdamW: exp_avg and exp_avg_sq in fp32, or in bitsandbytes' block-wise 8-bit
+    optim = (2 if cfg.training.optimizer.endswith("adamw_8bit") else 8) * trainable
     if stage >= 1:  # ZeRO-1: each rank owns 1/world of the optimizer step
         master, grads32, optim = master / world, grads32 / world, optim / world
     if stage >= 2:
@@ -298,8 +323,40 @@ def estimate(cfg, world_size: int, gpu_memory_bytes: int, micro_batch: int | Non
             "headroom": headroom, "overhead": overhead_bytes, "rows": rows,
             "shape": {k: v for k, v in asdict(shape).items()
                       if k not in ("linear_shapes", "module_params")}}
+    plan["quantization"] = quant_mode(cfg)
     plan["recommendation"], plan["explanation"] = recommend(plan)
+    if plan["recommendation"] is None or plan["recommendation"]["offload"]:
+        hint = _quantized_alternative(cfg, world_size, gpu_memory_bytes, micro_batch,
+                                      overhead_bytes, headroom)
+        if hint:
+            plan["quantization_hint"] = hint
+            plan["explanation"] += ". " + hint["text"]
     return plan
+
+
+def quant_mode(cfg) -> str | None:
+    q = cfg.quantization
+    return "4-bit" if q.load_in_4bit else "8-bit" if q.load_in_8bit else None
+
+
+def _quantized_alternative(cfg, world_size, gpu_memory_bytes, micro_batch, overhead_bytes,
+                           headroom) -> dict | None:
+    """For LoRA on an unquantized base that does not fit (or only with offload): the first of
+    8-bit and 4-bit whose plan fits without offload, as the setting to add."""
+    import copy
+
+    if not cfg.lora.enabled or quant_mode(cfg):
+        return None
+    for key, name in (("load_in_8bit", "8-bit"), ("load_in_4bit", "4-bit")):
+        alt = copy.deepcopy(cfg)
+        setattr(alt.quantization, key, True)
+        rec = estimate(alt, world_size, gpu_memory_bytes, micro_batch, overhead_bytes,
+                       headroom)["recommendation"]
+        if rec and not rec["offload"]:
+            return {"quantization": name, "set": f"quantization.{key}=true", **rec,
+                    "text": f"With a {name} base it fits: --set quantization.{key}=true -> "
+                            f"{rec['name']}, micro-batch up to {rec['micro_batch']}"}
+    return None
 
 
 def recommend(plan: dict) -> tuple[dict | None, str]:
@@ -331,8 +388,8 @@ def _gib(n: float) -> str:
 def format_table(plan: dict) -> str:
     cols = ("weights", "master", "grads", "optimizer", "activations", "logits", "overhead",
             "total")
-    mode = "LoRA" + (" on 8-bit" if plan["load_in_8bit"] else "") if plan["lora"] \
-        else "full fine-tuning"
+    mode = "LoRA" + (f" on {plan['quantization']}" if plan.get("quantization") else "") \
+        if plan["lora"] else "full fine-tuning"
     lines = [f"{plan['model']}: {plan['total_params'] / 1e9:.2f}B params, "
              f"{plan['trainable_params'] / 1e6:,.1f}M trainable ({mode}), {plan['dtype']}, "
              f"seq {plan['seq_len']}, micro-batch {plan['micro_batch']}"

@@ -344,3 +344,76 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense():
     with pytest.raises(ValueError, match="not a memory size"):
         parse_size("eighty")
+
+
+# --------------------------------------------------------------------------- 4-bit (QLoRA)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_weight_bytes_match_a_real_4bit_model_on_cpu(tmp_path, double_quant):
+    """The planner's 4-bit weights (0.5 byte per packed parameter + quantization constants)
+    against a real bitsandbytes 4-bit model: its tensors, constants included, and
+    get_memory_footprint() (parameters and buffers only, so without the constants)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    from sft_scale.plan import _base_weight_bytes
+
+    mc = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    AutoModelForCausalLM.from_config(mc).save_pretrained(tmp_path / "m")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32,
+                                                 quantization_config=q, device_map={"": "cpu"})
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    constants = 0
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            st = m.weight.quant_state
+            parts = [st.absmax, st.code] + ([st.offset, st.state2.absmax, st.state2.code]
+                                            if st.nested else [])
+            constants += sum(t.numel() * t.element_size() for t in parts)
+    cfg = load_config(DEMO_CONFIG, [f"model.name_or_path={tmp_path / 'm'}", "model.dtype=fp32",
+                                    "quantization.load_in_4bit=true",
+                                    f"quantization.bnb_4bit_use_double_quant={double_quant}"])
+    shape = model_shape(cfg)
+    est = _base_weight_bytes(cfg, shape, 4)
+    assert est == pytest.approx(params + constants, rel=0.05)
+    assert est - constants == pytest.approx(model.get_memory_footprint(), rel=0.05)
+    # 4-bit is a quarter of the fp32 Linear bytes, plus the constants
+    linear = sum(v for n, v in shape.linear_params.items() if n != shape.output_head)
+    assert est < 4 * shape.total_params - 3.5 * linear
+
+
+def test_4bit_70b_lora_fits_one_and_two_80gib_gpus_and_bf16_is_told_to_quantize():
+    sets = ("model.dtype=bf16", "data.max_seq_len=2048", "training.micro_batch_size=1",
+            "training.gradient_checkpointing=true", "lora.r=16")
+    for gpus in (1, 2):
+        bf16 = estimate(cfg_for("llama3_70b", *sets), gpus, 80 * GiB)
+        # bf16 weights alone are 131 GiB: only ZeRO-3 + CPU offload would hold them
+        assert not any(r["fits"] for r in bf16["rows"] if not r["offload"])
+        hint = bf16["quantization_hint"]
+        assert hint["set"] == "quantization.load_in_4bit=true" and not hint["offload"]
+        assert "--set quantization.load_in_4bit=true" in format_table(bf16)
+        q4 = estimate(cfg_for("llama3_70b", *sets, "quantization.load_in_4bit=true"), gpus,
+                      80 * GiB)
+        assert q4["recommendation"]["name"] == "ZeRO-0" and "quantization_hint" not in q4
+        assert "LoRA on 4-bit" in format_table(q4)
+        # ~0.5 byte per quantized parameter + constants; embeddings/head/norms upcast to fp32
+        shape = model_shape(FIXTURES / "llama3_70b.json")
+        linear = sum(v for n, v in shape.linear_params.items() if n != "lm_head")
+        frozen = q4["rows"][0]["weights"] - 4 * q4["trainable_params"]
+        assert frozen == pytest.approx(0.5 * linear * (1 + 0.127 / 4)
+                                       + 4 * (shape.total_params - linear), rel=0.01)
+    # 8-bit does not fit one GPU (70 GB of int8 + fp32 embeddings), so 4-bit is the hint
+    q8 = estimate(cfg_for("llama3_70b", *sets, "quantization.load_in_8bit=true"), 1, 80 * GiB)
+    assert not q8["rows"][0]["fits"]
+
+
+def test_8bit_optimizer_states_are_a_quarter():
+    sets = ("model.dtype=bf16", "data.max_seq_len=512", "lora.r=16")
+    a = estimate(cfg_for("llama3_8b", *sets), 1, 80 * GiB)["rows"][0]
+    b = estimate(cfg_for("llama3_8b", *sets, "training.optimizer=adamw_8bit"), 1, 80 * GiB)["rows"][0]
+    assert b["optimizer"] * 4 == a["optimizer"]
