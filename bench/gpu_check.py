@@ -1,4 +1,4 @@
-"""GPU check for one device call (bench/gpu_check.sh runs it): bf16 LoRA and 8-bit LoRA on a ~1B
+"""GPU check for one device call (bench/gpu_check.sh runs it): bf16, 8-bit and 4-bit LoRA on a ~1B
 Llama config (random init, the builtin tokenizer), sft_scale against TRL on the same model, data
 and steps, with the model's bare training step as the ceiling.
 
@@ -42,6 +42,8 @@ METHODS = [
     ("trl_packing_bf16", "trl", {"packing": True, "dtype": "bfloat16", "bf16": None}),
     ("sft_scale_8bit", "sft", {"set": ["model.dtype=bf16", "data.packing=true",
                                         "quantization.load_in_8bit=true"]}),
+    ("sft_scale_4bit", "sft", {"set": ["model.dtype=bf16", "data.packing=true",
+                                        "quantization.load_in_4bit=true"]}),
     ("trl_packing_8bit", "trl", {"packing": True, "dtype": "bfloat16", "bf16": None,
                                   "load_in_8bit": True}),
     ("trl_defaults_bf16", "trl", {"dtype": "bfloat16", "bf16": None}),

@@ -75,6 +75,15 @@ FIXED = [
     Method("sft_scale", "sft", "ours",
            "`python -m sft_scale.train` with its defaults (the bench config sets only the "
            "shared model/data/LoRA/hyperparameters)"),
+    # Quantized bases (fp32 LoRA is `sft_scale`): what 8-bit / 4-bit cost in speed and save in
+    # memory. Not in the default run: `--methods sft_scale,sft_scale_8bit,sft_scale_4bit`.
+    Method("sft_scale_8bit", "sft", "quantized",
+           "sft_scale with the base in bitsandbytes LLM.int8 (quantization.load_in_8bit)",
+           {"set": ["quantization.load_in_8bit=true"]}, default=False),
+    Method("sft_scale_4bit", "sft", "quantized",
+           "sft_scale with the base in bitsandbytes 4-bit NF4 + double quantization, fp32 "
+           "compute (quantization.load_in_4bit, QLoRA)",
+           {"set": ["quantization.load_in_4bit=true"]}, default=False),
 ]
 
 # sft_scale fast-path switches: each value that differs from the config's default becomes a

@@ -60,8 +60,9 @@ def test_gpu_check_dry_run_runs_every_method_on_cpu(tmp_path, sft_scale_home):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "gpu_check.json").read_text())["results"]
-    assert {r["method"] for r in results} >= {"sft_scale_bf16", "sft_scale_8bit"}
+    assert {r["method"] for r in results} >= {"sft_scale_bf16", "sft_scale_8bit", "sft_scale_4bit"}
     for r in results:
         assert r["ok"], (r["method"], r.get("error"))
         assert r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"]), r["method"]
-    assert "sft_scale_8bit" in (out / "gpu_check.md").read_text()
+    md = (out / "gpu_check.md").read_text()
+    assert "sft_scale_8bit" in md and "sft_scale_4bit" in md
