@@ -51,7 +51,9 @@ def run_identity(cfg: Config, world_size: int, zero_stage: int | None) -> dict:
     return {"model": cfg.model.name_or_path, "lora": cfg.lora.enabled and {
                 "r": cfg.lora.r, "target_modules": cfg.lora.target_modules,
                 "modules_to_save": cfg.lora.modules_to_save},
-            "load_in_8bit": cfg.quantization.load_in_8bit, "world_size": world_size,
+            "load_in_8bit": cfg.quantization.load_in_8bit,
+            "load_in_4bit": cfg.quantization.load_in_4bit, "optimizer": cfg.training.optimizer,
+            "world_size": world_size,
             "global_batch_size": cfg.global_batch_size(world_size), "zero_stage": zero_stage,
             "config_hash": hashlib.sha256(dump_yaml(_without_volatile(cfg)).encode()).hexdigest()}
 
@@ -70,8 +72,11 @@ def _without_volatile(cfg: Config) -> Config:
 
 def check_compatible(saved: dict, current: dict, where: Path) -> None:
     for key, what in (("model", "base model"), ("lora", "LoRA shape"),
-                      ("load_in_8bit", "quantization")):
-        if saved.get(key) != current.get(key):
+                      ("load_in_8bit", "quantization"), ("load_in_4bit", "4-bit quantization"),
+                      ("optimizer", "training.optimizer")):
+        # A checkpoint written before the 4-bit/optimizer keys existed lacks them: compatible.
+        if (key in saved or key in ("model", "lora", "load_in_8bit")) \
+                and saved.get(key) != current.get(key):
             raise ConfigError(f"{where}: checkpoint was trained with {what} {saved.get(key)!r}, "
                               f"this config has {current.get(key)!r}. Use a fresh --output-dir, "
                               "or --set checkpoint.resume=never to start over.")
