@@ -115,3 +115,66 @@ def test_4bit_with_adamw_8bit_resumes_bit_exactly_after_a_kill(tmp_path):
     assert losses(out) == losses(ref)
     a, b = adapter(out), adapter(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Runs in a fresh interpreter that never imports sft_scale: plain transformers + peft only.
+PLAIN_PEFT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import PeftModel
+    out, four_bit = sys.argv[1], sys.argv[2] == "1"
+    base = json.load(open(out + "/adapter/adapter_config.json"))["base_model_name_or_path"]
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    kw = dict(quantization_config=q, device_map={"": "cpu"}) if four_bit else {}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kw)
+    model = PeftModel.from_pretrained(model, out + "/adapter").eval()
+    probe = load_file(out + "/probe.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    m = probe["attention_mask"].bool()
+    diff = (logits.float()[m] - probe["logits"][m]).abs().max().item()
+    assert "sft_scale" not in sys.modules
+    print(json.dumps({"max_abs_diff": diff}))
+""")
+
+
+def plain_peft_diff(out, four_bit: bool) -> float:
+    proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(out), "1" if four_bit else "0"],
+                          capture_output=True, text=True, cwd="/", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["max_abs_diff"]
+
+
+def merge_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "sft_scale.cli", "merge", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_4bit_adapter_loads_with_plain_peft_on_4bit_and_full_precision_bases(one_process):
+    # On a 4-bit base: the model training produced.
+    assert plain_peft_diff(one_process, four_bit=True) < 1e-4
+    # On the fp32 base it loads and runs; its logits moved by the quantization error.
+    assert 0 < plain_peft_diff(one_process, four_bit=False) < 10
+
+
+def test_merge_of_a_4bit_run_reports_the_shift_and_dequantize_removes_it(one_process, tmp_path):
+    proc = merge_cli("--adapter", one_process / "adapter", "--out", tmp_path / "m")
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert report["trained_on"] == "4-bit nf4" and report["merged_into"] == "original weights"
+    shift = report["shift_vs_training"]
+    assert shift["max_abs_logit_diff"] > 1e-3 and 0 < shift["greedy_agreement"] <= 1
+    assert "shift vs the model training produced (4-bit nf4 base" in proc.stdout
+    assert "greedy agreement" in (tmp_path / "m" / "README.md").read_text()
+
+    proc = merge_cli("--adapter", one_process / "adapter", "--out", tmp_path / "d", "--dequantize")
+    report = json.loads((tmp_path / "d" / "merge_report.json").read_text())
+    assert report["merged_into"] == "dequantized 4-bit nf4 weights"
+    shift = report["shift_vs_training"]
+    assert shift["max_abs_logit_diff"] < 1e-4 and shift["greedy_agreement"] == 1.0
+    assert not shift["warn"] and "departs" not in proc.stderr
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())

@@ -89,3 +89,23 @@ def test_build_optimizer_builds_the_named_one_with_the_configured_hyperparameter
     assert f"{type(opt).__module__}.{type(opt).__name__}" == cls
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("manifest", [None, "unquantized"])
+def test_merge_dequantize_needs_a_run_that_trained_quantized(tmp_path, manifest):
+    import json
+
+    from sft_scale.merge import merge
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "builtin:tiny-llama"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    if manifest:
+        (tmp_path / "run" / "manifest.json").write_text(json.dumps(
+            {"config": load_config(DEMO_CONFIG).to_dict()}))
+    why = "unquantized base" if manifest else "is missing"
+    with pytest.raises(ConfigError, match=f"--dequantize: .*manifest.json {why}.*without --dequantize"):
+        merge(str(adapter), str(tmp_path / "out"), dequantize=True)
+    assert not (tmp_path / "out").exists()
