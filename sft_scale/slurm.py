@@ -351,9 +351,11 @@ def check_partition(partition: str | None) -> None:
 
 
 def submit(config: str, opts: SlurmOptions, overrides: list[str] = (),
-           output_dir: str | None = None, dry_run: bool = False) -> str | None:
-    """Render, keep and submit; returns the job id (None for a dry run, which writes nothing)."""
-    r = render(config, opts, overrides, output_dir)
+           output_dir: str | None = None, dry_run: bool = False,
+           pre_step: list[str] | None = None) -> str | None:
+    """Render, keep and submit; returns the job id (None for a dry run, which writes nothing).
+    `pre_step`: see render."""
+    r = render(config, opts, overrides, output_dir, pre_step)
     window = f"signal window: USR1 {r.signal_seconds} s before the time limit ({r.signal_reason})"
     if dry_run:
         print(r.sbatch)

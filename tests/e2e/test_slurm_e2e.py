@@ -36,11 +36,14 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def submit(cluster, out, *extra, env=None):
-    # Each test node has 2 CPUs; the job's Python is this one unless a test says otherwise.
-    python = [] if "--setup" in extra else ["--python", sys.executable]
+def submit(cluster, out, *extra, env=None, python=sys.executable):
+    """Each test node has the host's 2 CPUs; two-node jobs share them, so their processes keep
+    one thread each. The job's Python is this one unless a test passes python=None."""
+    one_thread = ["--setup", "export OMP_NUM_THREADS=1"] if "--nodes" in extra and \
+        extra[extra.index("--nodes") + 1] != "1" else []
     cmd = [sys.executable, "-m", "sft_scale.cli", "slurm", "submit", "--config", str(DEMO_CONFIG),
-           "--output-dir", str(out), "--cpus-per-task", "2", *python, *extra] \
+           "--output-dir", str(out), "--cpus-per-task", "2", *(["--python", python] if python
+                                                               else []), *one_thread, *extra] \
         + [x for s in SETS for x in ("--set", s)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(cluster.env, **(env or {})))
@@ -77,7 +80,7 @@ def test_one_node_job_trains_the_demo(cluster, tmp_path):
     out = tmp_path / "one"
     venv_bin = Path(sys.executable).parent
     res = submit(cluster, out, "--nodes", "1", "--partition", "debug", "--time", "00:20:00",
-                 "--setup", f"export PATH={venv_bin}:$PATH")
+                 "--setup", f"export PATH={venv_bin}:$PATH", python=None)
     assert res.returncode == 0, res.stderr[-3000:]
     jid = job_id(out)
     assert f"submitted job {jid}" in res.stdout and "signal window: USR1 120 s" in res.stdout
