@@ -421,7 +421,8 @@ def test_a_python_without_sft_scale_stops_the_job_before_srun(tmp_path):
 
 def test_hostile_paths_and_values_are_data_not_code(tmp_path):
     """`$(...)`, backticks, `;`, quotes, spaces and % in the output dir (from the CLI and from
-    output.dir in a config file), in the config path, in --set values and in the python path:
+    output.dir in a config file), in the config path, in --set values, in the python path and
+    in an extra #SBATCH option (a comment to bash; sbatch runs no shell):
     the scripts pass bash -n, run, hand each value over as one argument, and run nothing."""
     stub = _stubs(tmp_path)
     hostile = tmp_path / HOSTILE
@@ -434,7 +435,9 @@ def test_hostile_paths_and_values_are_data_not_code(tmp_path):
     py.symlink_to(stub / "bin" / "python")
     sets = ["model.revision=$(touch PWNED6)x"]
     for output_dir in (None, str(hostile)):  # from the config file, then from the CLI
-        r = render(str(config), SlurmOptions(nodes=2, python=str(py)), sets, output_dir)
+        r = render(str(config), SlurmOptions(nodes=2, python=str(py),
+                                             extra_sbatch=["--comment=$(touch PWNED7)"]),
+                   sets, output_dir)
         assert r.output_dir == hostile
         assert bash_ok(r.sbatch) and bash_ok(r.node)
         _write(r)
