@@ -72,7 +72,9 @@ def wait_state(cluster, jid, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOU
 
 
 def log_of(out, jid) -> str:
-    return (out / "slurm" / f"sft-scale-{jid}.log").read_text()
+    # Two nodes' progress bars interleave in one file (srun --label splits at newlines, tqdm
+    # redraws with \r), which can cut a multi-byte character.
+    return (out / "slurm" / f"sft-scale-{jid}.log").read_text(errors="replace")
 
 
 def test_one_node_job_trains_the_demo(cluster, tmp_path):

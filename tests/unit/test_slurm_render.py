@@ -429,7 +429,8 @@ def test_hostile_paths_and_values_are_data_not_code(tmp_path):
     conf_dir = tmp_path / ("conf " + HOSTILE)
     conf_dir.mkdir()
     config = conf_dir / "c $(touch PWNED4).yaml"
-    config.write_text(DEMO_CONFIG.read_text().replace("dir: runs/demo", f"dir: {json.dumps(str(hostile))}"))
+    config.write_text(DEMO_CONFIG.read_text().replace("dir: runs/demo",
+                                                      f"dir: {json.dumps(str(hostile))}"))
     py = tmp_path / "py $(touch PWNED5)" / "python"
     py.parent.mkdir()
     py.symlink_to(stub / "bin" / "python")
