@@ -118,6 +118,8 @@ def test_two_node_zero2_job_has_world_size_two(two_node_run):
     port = int(log.split("rendezvous at n1:")[1].split()[0])
     assert 20000 <= port < 32768  # below the ephemeral range
     assert "1: [sft-scale] node 1 on " in log  # srun --label
+    if cluster.cgroup:  # each node's step is bound to the 2 CPUs srun asked for
+        assert "2 CPUs for 1 process(es), OMP_NUM_THREADS=1" in log
     summary = json.loads((two_node_run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2
     assert sorted(json.loads((two_node_run / "manifest.json").read_text())
@@ -217,8 +219,8 @@ def test_bad_submissions_fail_clearly_and_leave_nothing(cluster, tmp_path):
     res = submit(cluster, out, "--time", "not-a-time")
     assert res.returncode == 2 and "--time 'not-a-time': not a SLURM time" in res.stderr
     assert not out.exists()
-    # sbatch itself refusing (more nodes than the cluster has) also leaves nothing behind
-    res = submit(cluster, out, "--nodes", "3")
+    # sbatch itself refusing (more memory than a node has) also leaves nothing behind
+    res = submit(cluster, out, "--mem", "100000G")
     assert res.returncode == 5 and "cluster error: sbatch refused the job" in res.stderr
     assert not out.exists()
 
