@@ -241,7 +241,7 @@ def config_from_dict(d: dict, source: str = "<saved config>") -> Config:
     problems: list[Problem] = []
     cfg = _build(Config, {k: v for k, v in d.items() if k != "resolved"}, "", problems)
     bad = {p.key for p in problems}
-    raise_problems(problems + [p for p in check_values(cfg) if p.key not in bad], source, {})
+    raise_problems(problems + [p for p in check_values(cfg) if p.key not in bad], source, None)
     return cfg
 
 
@@ -394,24 +394,25 @@ class Problem:
     message: str
 
 
-def raise_problems(problems: list[Problem], src: str, lines: dict[str, int]) -> None:
-    """One ConfigError listing every problem, in file order, each with its file:line."""
+def raise_problems(problems: list[Problem], src: str, lines: dict[str, int] | None) -> None:
+    """One ConfigError listing every problem, in file order, each with its file:line (`lines`
+    None: the values did not come from a YAML file or overrides, e.g. a saved manifest)."""
     if not problems:
         return
-    ordered = sorted(problems, key=lambda p: lines.get(p.key, 1 << 30))
+    ordered = sorted(problems, key=lambda p: (lines or {}).get(p.key, 1 << 30))
     msgs = [f"{_where(src, lines, p.key)}: {p.message}" for p in ordered]
     if len(msgs) == 1:
         raise ConfigError(msgs[0])
     raise ConfigError(f"{len(msgs)} problems in {src}:\n  " + "\n  ".join(msgs))
 
 
-def _where(src: str, lines: dict[str, int], key: str) -> str:
+def _where(src: str, lines: dict[str, int] | None, key: str) -> str:
+    if lines is None:
+        return src
     line = lines.get(key)
     if line is None:
-        if src.startswith("<"):
-            return "--set override" if src == "<defaults>" else src
         # Overrides have no line; say so, so the user does not hunt through the YAML.
-        return f"{src} (or a --set override)"
+        return f"{src} (or a --set override)" if src != "<defaults>" else "--set override"
     return f"{src}:{line}"
 
 
@@ -624,7 +625,7 @@ def check_values(cfg: Config) -> list[Problem]:
 
 def validate(cfg: Config, src: str = "<config>") -> None:
     """Raise one ConfigError naming every value problem of `cfg` (see check_values)."""
-    raise_problems(check_values(cfg), src, {})
+    raise_problems(check_values(cfg), src, None)
 
 
 def check_warmup(cfg: Config, total_steps: int) -> None:

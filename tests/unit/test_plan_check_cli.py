@@ -33,7 +33,7 @@ def test_plan_cli_json_matches_the_library_and_the_table_names_the_choice(capsys
            f"{plan['recommendation']['micro_batch']}" in table
 
 
-def test_plan_cli_exit_1_when_nothing_fits_and_clear_errors_for_bad_input(capsys):
+def test_plan_cli_exit_1_when_nothing_fits_and_clear_errors_for_bad_input(capsys, tmp_path):
     assert main(["plan", "--config", str(DEMO_CONFIG), "--gpu-memory", "8GiB", *FULL_8B]) == 1
     assert "micro-batch 2 fits nowhere; ZeRO-3+offload fits 1" in capsys.readouterr().out
     assert main(["plan", "--config", str(DEMO_CONFIG), "--gpu-memory", "2GiB", *FULL_8B]) == 1
@@ -43,7 +43,12 @@ def test_plan_cli_exit_1_when_nothing_fits_and_clear_errors_for_bad_input(capsys
     assert main(["plan", "--config", str(DEMO_CONFIG),
                  "--set", "model.name_or_path=/nonexistent/model"]) == 2
     err = capsys.readouterr().err
-    assert "model.name_or_path='/nonexistent/model': cannot read its config.json" in err
+    assert "model.name_or_path='/nonexistent/model': the folder /nonexistent/model does not " \
+           "exist" in err
+    assert main(["plan", "--config", str(DEMO_CONFIG),
+                 "--set", f"model.name_or_path={tmp_path}"]) == 2
+    assert f"model.name_or_path='{tmp_path}': cannot read its config.json" in \
+        capsys.readouterr().err
 
 
 def test_zero_auto_takes_the_plans_recommendation_for_the_given_memory():
