@@ -113,6 +113,11 @@ def test_check_reports_steps_tokens_disk_and_the_launch_line_and_writes_nothing(
     assert 10 < report["avg_tokens"] < 20
     assert report["total_tokens"] == pytest.approx(80 * 64 * report["avg_tokens"], rel=0.01)
     assert report["deepspeed"] == "ZeRO-2" and report["disk_ok"]
+    # The memory plan of this layout, for GPUs of 80 GiB unless --gpu-memory says otherwise.
+    assert "memory plan (assuming 80.0 GiB GPUs; pass --gpu-memory for yours):\n" in text
+    assert "4 GPU(s) x 80.0 GiB" in text
+    assert report["memory_variant"] == "ZeRO-2" and report["memory_fits"]
+    assert "memory: this layout (ZeRO-2) needs ~" in text and "per GPU: fits in 72.0 GiB" in text
     assert report["fast_paths"]["loss"] == "chunked"
     assert "«" in text and "»" in text  # the sample is shown with its trained part marked
     assert "--num_machines 2" in report["launch"] and "zero2.json" in report["launch"]
@@ -174,15 +179,11 @@ def test_eval_with_a_missing_adapter_is_a_config_error(capsys, tmp_path):
 
 def test_check_prints_the_memory_plan_and_fails_when_the_layout_does_not_fit(capsys, tmp_path):
     out = tmp_path / "run"
-    assert main(["check", "--config", str(DEMO_CONFIG), "--output-dir", str(out), "--zero", "2",
-                 "--gpus-per-node", "2", "--gpu-memory", "40GiB"]) == 0
-    text = capsys.readouterr().out
-    assert "memory plan:\n" in text and "2 GPU(s) x 40.0 GiB" in text
-    assert "memory: this layout (ZeRO-2) needs ~" in text and "per GPU: fits in 36.0 GiB" in text
     # The planner counts 1 GiB of CUDA/NCCL overhead per GPU: nothing fits in 1 GiB.
     assert main(["check", "--config", str(DEMO_CONFIG), "--output-dir", str(out),
                  "--gpu-memory", "1GiB"]) == 1
     text = capsys.readouterr().out
+    assert "memory plan:\n" in text and "1 GPU(s) x 1.0 GiB" in text
     assert "memory: this layout (ZeRO-0) needs ~" in text and "does NOT fit in 921.6 MiB" in text
     assert "check: FAILED (memory)" in text
     assert not out.exists()
