@@ -167,10 +167,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from sft_scale.builtin import resolve_model_path
     from sft_scale.config import DatasetSource, load_config
     from sft_scale.demo import DEMO_CONFIG
     from sft_scale.evaluate import eval_before_after, format_table
 
+    resolve_model_path(args.model, key="--model")  # a missing or uncached model, said in seconds
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {args.adapter}: no PEFT adapter there (no "
                           "adapter_config.json); pass a run's OUTPUT_DIR/adapter or "
