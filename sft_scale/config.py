@@ -546,6 +546,7 @@ def _resolve_paths(cfg: Config) -> None:
 
 
 SEED_LIMIT = 2 ** 32  # numpy's seed range, which accelerate's set_seed also seeds
+MAX_EPOCHS = 1e6  # beyond this, epochs x examples overflows the step count's arithmetic
 
 
 def check_values(cfg: Config) -> list[Problem]:
@@ -561,6 +562,8 @@ def check_values(cfg: Config) -> list[Problem]:
         (t.max_steps >= 0, "training.max_steps", "must be >= 0 (0 derives it from num_epochs)"),
         (t.max_steps > 0 or t.num_epochs > 0, "training.num_epochs",
          "must be > 0 when training.max_steps is 0"),
+        (t.num_epochs <= MAX_EPOCHS, "training.num_epochs",
+         f"must be at most {MAX_EPOCHS:g}; for a long run set training.max_steps"),
         (t.learning_rate > 0, "training.learning_rate", "must be > 0"),
         (t.weight_decay >= 0, "training.weight_decay", "must be >= 0"),
         (0.0 <= t.adam_beta1 < 1.0, "training.adam_beta1", "must be in [0, 1), e.g. 0.9"),

@@ -178,6 +178,7 @@ def test_every_problem_of_a_file_is_reported_at_once_in_file_order(tmp_path):
     ("training:\n  learning_rate: inf\n", r"c.yaml:4: 'training.learning_rate' must be a finite number, got 'inf'"),
     ("training:\n  learning_rate: .nan\n", r"'training.learning_rate' must be a finite number, got nan"),
     ("training:\n  num_epochs: .inf\n", r"'training.num_epochs' must be a finite number, got inf"),
+    ("training:\n  num_epochs: 1e308\n", r"'training.num_epochs' must be at most 1e\+06"),
     ("training:\n  adam_beta1: 2.0\n", r"'training.adam_beta1' must be in \[0, 1\)"),
     ("training:\n  adam_beta2: -0.5\n", r"'training.adam_beta2' must be in \[0, 1\)"),
     ("training:\n  seed: -1\n", r"c.yaml:4: 'training.seed' must be in \[0, 2\^32\)"),
