@@ -63,8 +63,9 @@ def check_template(tokenizer, template: str, what: str) -> None:
                           "the template). Fix the template, or use one of "
                           f"{sorted(NAMED)}") from None
     except jinja2.exceptions.SecurityError as e:
-        raise ConfigError(f"{what} is blocked by the chat-template sandbox: {str(e).rstrip('.')}. Templates may "
-                          "only format the messages; remove that construct, or use one of "
+        raise ConfigError(f"{what} is blocked by the chat-template sandbox: "
+                          f"{str(e).rstrip('.')}. Templates may only format the messages; "
+                          "remove that construct, or use one of "
                           f"{sorted(NAMED)}") from None
     except jinja2.TemplateError:
         pass  # e.g. raise_exception() for a conversation shape the template refuses: data's call
