@@ -61,7 +61,9 @@ def resolve_model_path(name_or_path: str, revision: str | None = None,
 def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:
     """A hub id must be in the local cache, or the hub must say it exists; one request, no
     retries."""
-    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+    # config.json for a model; tokenizer_config.json alone for a tokenizer-only repo.
+    if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)
+           for f in ("config.json", "tokenizer_config.json")):
         return
     at = f" at revision {revision!r}" if revision else ""
     # "models/llama" may have been meant as a folder next to the config.

@@ -46,3 +46,16 @@ def test_an_uncached_hub_id_offline_says_how_to_download_it():
     assert "set model.tokenizer: /path/to/models/no-such-model" in msg
     # "org/name" may also have been meant as a folder: say that none exists either.
     assert f"nor is there a folder {Path('nobody-h16b/no-such-model').absolute()}" in msg
+
+
+def test_a_cached_hub_model_or_tokenizer_passes_offline(tmp_path, monkeypatch):
+    """A hub cache laid out as huggingface_hub writes it (refs/main -> snapshots/SHA/FILE)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    for repo, name in (("org-a/model", "config.json"), ("org-a/tok", "tokenizer_config.json")):
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("abc123")
+        (folder / "snapshots" / "abc123").mkdir(parents=True)
+        (folder / "snapshots" / "abc123" / name).write_text("{}")
+        assert resolve_model_path(repo) == repo
