@@ -257,6 +257,9 @@ def _section_names() -> list[str]:
 # hundred values, so these bounds only stop files that are not configs.
 MAX_YAML_VALUES = 100_000
 MAX_YAML_DEPTH = 64
+# libyaml when PyYAML was built with it: the pure-Python scanner is quadratic in nesting depth
+# (3 KB of '[' take seconds) and its composer recurses per level; libyaml caps depth at 1000.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _read_yaml_file(p: Path, src: str) -> tuple[dict, dict[str, int], list[Problem]]:
@@ -288,10 +291,10 @@ def parse_yaml(text: str, src: str) -> tuple[Any, dict[str, int], list[Problem]]
     that is not YAML, an alias that refers to itself, or aliases that expand beyond any config.
     Aliases are checked on the node graph before anything walks the loaded value."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: not valid YAML: {e}") from None
-    except RecursionError:  # PyYAML's composer recurses once per nesting level
+    except RecursionError:  # without libyaml, the composer recurses once per nesting level
         raise ConfigError(f"{src}: the YAML nests deeper than {MAX_YAML_DEPTH} levels; no config "
                           "is that deep") from None
     lines: dict[str, int] = {}
@@ -305,7 +308,7 @@ def parse_yaml(text: str, src: str) -> tuple[Any, dict[str, int], list[Problem]]
                               "fewer nested aliases")
         _walk_nodes(node, "", lines, problems)
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: not valid YAML: {e}") from None
     return value, lines, list(problems.values())
