@@ -213,18 +213,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     """Read YAML, apply `--set a.b=value` overrides and `--output-dir`, validate, resolve paths.
     Every problem of the file is reported at once, each with its file:line and key."""
     raw: dict = {}
-    lines: dict[str, int] = {}
+    # Where each key was set: its line in the file, or the command-line flag that set it.
+    lines: dict[str, int | str] = {}
     problems: list[Problem] = []
     src = str(path) if path is not None else "<defaults>"
     if path is not None:
         raw, lines, problems = _read_yaml_file(Path(path), src)
     for item in overrides or []:
-        _apply_override(raw, item)
+        lines[_apply_override(raw, item)] = f"--set {item}"
     if output_dir is not None:
         raw.setdefault("output", {})
         if not isinstance(raw["output"], dict):
             raise ConfigError(f"{src}: 'output' must be a mapping")
         raw["output"]["dir"] = output_dir
+        lines["output.dir"] = f"--output-dir {output_dir!r}"
     cfg = _build(Config, raw, "", problems)
     cfg.source = str(Path(path).resolve()) if path is not None else None
     _resolve_paths(cfg)
@@ -368,7 +370,8 @@ def _walk_nodes(node, prefix: str, out: dict[str, int], problems: dict) -> None:
             _walk_nodes(v, key + ".", out, problems)
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
+    """Set `raw`'s dotted key from `--set KEY=VALUE`; returns the key."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, "
                           "e.g. --set training.max_steps=6")
@@ -387,6 +390,7 @@ def _apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"--set {item!r}: '{p}' is not a section")
         node = nxt
     node[parts[-1]] = parsed
+    return ".".join(parts)
 
 
 @dataclass(frozen=True)
@@ -397,26 +401,37 @@ class Problem:
     message: str
 
 
-def raise_problems(problems: list[Problem], src: str, lines: dict[str, int] | None) -> None:
-    """One ConfigError listing every problem, in file order, each with its file:line (`lines`
-    None: the values did not come from a YAML file or overrides, e.g. a saved manifest)."""
+def raise_problems(problems: list[Problem], src: str,
+                   lines: dict[str, int | str] | None) -> None:
+    """One ConfigError listing every problem, in file order, each with its file:line or flag
+    (`lines` None: the values came from neither a file nor flags, e.g. a saved manifest)."""
     if not problems:
         return
-    ordered = sorted(problems, key=lambda p: (lines or {}).get(p.key, 1 << 30))
+
+    def order(p: Problem) -> int:
+        line = (lines or {}).get(p.key)
+        return line if isinstance(line, int) else 1 << 30
+
+    ordered = sorted(problems, key=order)
     msgs = [f"{_where(src, lines, p.key)}: {p.message}" for p in ordered]
     if len(msgs) == 1:
         raise ConfigError(msgs[0])
     raise ConfigError(f"{len(msgs)} problems in {src}:\n  " + "\n  ".join(msgs))
 
 
-def _where(src: str, lines: dict[str, int] | None, key: str) -> str:
+def _where(src: str, lines: dict[str, int | str] | None, key: str) -> str:
     if lines is None:
         return src
     line = lines.get(key)
     if line is None:
-        # Overrides have no line; say so, so the user does not hunt through the YAML.
-        return f"{src} (or a --set override)" if src != "<defaults>" else "--set override"
-    return f"{src}:{line}"
+        # A key inside a value set by a flag (--set data.datasets=[{...}]) points at the flag.
+        flag = next((v for k, v in lines.items() if isinstance(v, str)
+                     and (key.startswith(k + ".") or key.startswith(k + "["))), None)
+        if flag:
+            return flag
+        # A default that conflicts with another key: name the file, not a line.
+        return src if src != "<defaults>" else "the defaults"
+    return line if isinstance(line, str) else f"{src}:{line}"
 
 
 def _build(cls, raw: Any, prefix: str, problems: list[Problem]):

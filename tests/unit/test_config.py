@@ -62,7 +62,8 @@ def test_overrides_and_output_dir(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("training.max_step=6", r"\(or a --set override\): unknown key 'training.max_step'; did you mean 'training.max_steps'"),
+    ("training.max_step=6", r"^--set training.max_step=6: unknown key 'training.max_step'; did you mean 'training.max_steps'"),
+    ("data.datasets=[{path: x, wieght: 2}]", r"^--set data.datasets=\[\{path: x, wieght: 2\}\]: unknown key 'data.datasets\[0\].wieght'; did you mean 'data.datasets\[0\].weight'"),
     ("max_steps", r"expected KEY=VALUE"),
     ("training.max_steps=x", r"'training.max_steps' expects int"),
 ])
@@ -172,7 +173,7 @@ def test_every_problem_of_a_file_is_reported_at_once_in_file_order(tmp_path):
     assert lines[2] == f"  {p}:5: 'training.max_steps' expects int, got str 'three'"
     assert lines[3] == f"  {p}:6: 'training.adam_beta1' must be in [0, 1), e.g. 0.9"
     assert lines[4].startswith(f"  {p}:8: 'lora.alpha' must be > 0")
-    assert lines[5] == f"  {p} (or a --set override): 'training.seed' must be in [0, 2^32)"
+    assert lines[5] == "  --set training.seed=-1: 'training.seed' must be in [0, 2^32)"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -200,7 +201,7 @@ def test_values_out_of_range_are_refused(tmp_path, text, expected):
 
 
 def test_empty_output_dir_from_the_command_line_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="'output.dir' must name a folder"):
+    with pytest.raises(ConfigError, match="^--output-dir '': 'output.dir' must name a folder"):
         load_config(write(tmp_path, BASE), output_dir="")
 
 
