@@ -62,7 +62,11 @@ def _model_config(src):
     from sft_scale.config import ConfigError
 
     name = src.model.name_or_path
-    path = resolve_model_path(name, src.model.revision)  # names what is missing, and the fix
+    try:
+        path = resolve_model_path(name, src.model.revision)  # names what is missing, and the fix
+    except ConfigError as e:
+        raise ConfigError(f"{e}. (Planning needs only the model's config.json: --set "
+                          "model.name_or_path=/path/to/config.json also works)") from None
     try:
         return AutoConfig.from_pretrained(path, revision=src.model.revision,
                                           trust_remote_code=src.model.trust_remote_code)

@@ -52,6 +52,11 @@ def test_plan_cli_exit_1_when_nothing_fits_and_clear_errors_for_bad_input(capsys
                  "--set", f"model.name_or_path={tmp_path}"]) == 2
     assert f"model.name_or_path='{tmp_path}': cannot read its config.json" in \
         capsys.readouterr().err
+    assert main(["plan", "--config", str(DEMO_CONFIG),
+                 "--set", "model.name_or_path=nobody-h16b/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "huggingface-cli download nobody-h16b/no-such-model" in err
+    assert "Planning needs only the model's config.json" in err
 
 
 def test_zero_auto_takes_the_plans_recommendation_for_the_given_memory():
