@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from sft_scale.config import ConfigError
-from sft_scale.slurm import (PORT_BASE, PORT_SPAN, REPO_ROOT, SlurmOptions, render,
-                             signal_window, time_limit_seconds)
+from sft_scale.slurm import (PORT_BASE, PORT_SPAN, REPO_ROOT, SlurmOptions, _local_model,
+                             render, signal_window, time_limit_seconds)
 from tests.conftest import DEMO_CONFIG, ROOT
 
 HOSTILE = "o u't \"q\" $(touch PWNED1) `touch PWNED2`; touch PWNED3 %j"
@@ -115,10 +115,9 @@ def test_hf_hub_offline_only_for_local_models(tmp_path):
     r = render(str(DEMO_CONFIG), SlurmOptions(), [f"model.name_or_path={model}"],
                str(tmp_path / "o"))
     assert "export HF_HUB_OFFLINE=1" in lines(r.sbatch)
-    # A hub id: the nodes may need the hub (the window is given: nothing reads the model here).
-    r = render(str(DEMO_CONFIG), SlurmOptions(signal_seconds=200),
-               ["model.name_or_path=someorg/some-model"], str(tmp_path / "o"))
-    assert "HF_HUB_OFFLINE" not in r.sbatch
+    # A hub id: the nodes may need the hub (render refuses one that is neither cached nor
+    # reachable, so the choice itself is tested here)
+    assert not _local_model("someorg/some-model") and _local_model("builtin:tiny-llama")
 
 
 # ---- the signal window -----------------------------------------------------------------------
