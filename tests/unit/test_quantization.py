@@ -105,7 +105,7 @@ def test_merge_dequantize_needs_a_run_that_trained_quantized(tmp_path, manifest)
     if manifest:
         (tmp_path / "run" / "manifest.json").write_text(json.dumps(
             {"config": load_config(DEMO_CONFIG).to_dict()}))
-    why = "unquantized base" if manifest else "is missing"
+    why = "says the run trained on an unquantized base" if manifest else "is missing"
     with pytest.raises(ConfigError, match=f"--dequantize: .*manifest.json {why}.*without --dequantize"):
         merge(str(adapter), str(tmp_path / "out"), dequantize=True)
     assert not (tmp_path / "out").exists()
