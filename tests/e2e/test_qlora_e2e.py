@@ -15,7 +15,8 @@ from tests.conftest import ROOT, run_train, train_metrics
 pytestmark = pytest.mark.slow
 
 Q4 = "quantization.load_in_4bit=true"
-SMALL = ("training.max_steps=4", "training.micro_batch_size=4", "training.logging_steps=1",
+SMALL = ("training.max_steps=4", "training.warmup_steps=0", "training.micro_batch_size=4",
+         "training.logging_steps=1",
          "logging.plot=false", Q4)
 
 
