@@ -137,6 +137,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
     resume: str = "auto"
+    # Resuming on training data that differs from the checkpoint's (another file, another
+    # tokenization) is refused unless this is true.
+    allow_data_change: bool = False
 
 
 @dataclass
