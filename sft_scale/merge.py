@@ -54,7 +54,7 @@ def check_output(out: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
 
 
 def check_shard_size(max_shard_size: str) -> None:
-    from transformers.utils import convert_file_size_to_int
+    from transformers.utils.hub import convert_file_size_to_int
 
     try:
         ok = convert_file_size_to_int(max_shard_size) > 0
