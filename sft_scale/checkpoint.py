@@ -145,22 +145,26 @@ def check_compatible(saved: dict, current: dict, where: Path, allow_data: bool =
 
 def data_fingerprint(dataset) -> str:
     """sha256 of what training reads (token ids, labels) in dataset order, from the Arrow
-    buffers: any change of file, tokenizer, template or mixing shows."""
+    buffers: any change of file, tokenizer, template or mixing shows. Lengths and values are
+    hashed as two streams, so how Arrow happens to chunk the table does not matter."""
     import pyarrow.compute as pc
 
     h = hashlib.sha256()
-    table = dataset.with_format(None).data.table if hasattr(dataset.data, "table") else dataset.data
+    table = dataset.data.table
     for name in ("input_ids", "labels", "label"):
         if name not in table.column_names:
             continue
-        h.update(name.encode())
+        lengths, values = hashlib.sha256(), hashlib.sha256()
         for chunk in table.column(name).chunks:
-            if hasattr(chunk, "flatten") and hasattr(chunk, "offsets"):
-                h.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).tobytes())
+            if hasattr(chunk, "offsets"):  # a list column: one row = a sequence
+                lengths.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+                               .astype(np.int64).tobytes())
                 chunk = chunk.flatten()
-            h.update(np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False)).tobytes())
+            values.update(np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False)).tobytes())
+        h.update(name.encode() + lengths.digest() + values.digest())
     if dataset._indices is not None:  # a select/shuffle view over the table
-        h.update(np.asarray(dataset._indices.column(0)).tobytes())
+        h.update(np.asarray(dataset._indices.column(0).combine_chunks()).astype(np.int64)
+                 .tobytes())
     return h.hexdigest()
 
 

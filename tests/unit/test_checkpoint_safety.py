@@ -203,3 +203,16 @@ def test_the_data_fingerprint_follows_the_tokens_and_their_order():
     assert ckpt.data_fingerprint(a) == ckpt.data_fingerprint(
         Dataset.from_dict({"input_ids": [[1, 2], [3]], "labels": [[1, 2], [-100]]}))
     assert ckpt.data_fingerprint(a.select([1, 0])) != ckpt.data_fingerprint(a)
+
+
+def test_the_data_fingerprint_does_not_depend_on_arrow_chunking():
+    import pyarrow as pa
+    from datasets import Dataset
+    one = Dataset.from_dict({"input_ids": [[1, 2], [3], [4, 5, 6]]})
+    chunked = Dataset(pa.Table.from_batches(one.data.table.to_batches(max_chunksize=1)))
+    assert chunked.data.table.column("input_ids").num_chunks == 3
+    assert ckpt.data_fingerprint(chunked) == ckpt.data_fingerprint(one)
+
+
+def test_a_missing_checkpoint_is_said_to_not_exist(tmp_path):
+    assert ckpt.verify(tmp_path / "nonexistent") == "does not exist"
