@@ -99,11 +99,13 @@ def _alive(holder: dict) -> bool:
 def acquire_run_lock(out_dir: Path) -> Path:
     """An exclusive lock on `out_dir` for this run (rank 0 only), released at exit. A lock left
     by a dead process of this host is taken over; one held by a live process, or by another
-    host (whose processes cannot be checked from here), is refused."""
+    host (whose processes cannot be checked from here), is refused, except that a requeued SLURM
+    job takes over the lock of its own earlier attempt (same job id: SLURM never runs both)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = out_dir / LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
-          "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+          "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -114,7 +116,9 @@ def acquire_run_lock(out_dir: Path) -> Path:
                 holder = {}
             if not isinstance(holder, dict):
                 holder = {}
-            if holder.get("host") == me["host"] and not _alive(holder):
+            same_job = me["slurm_job_id"] is not None \
+                and holder.get("slurm_job_id") == me["slurm_job_id"]
+            if same_job or (holder.get("host") == me["host"] and not _alive(holder)):
                 lock.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             raise ConfigError(

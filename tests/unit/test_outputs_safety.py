@@ -62,6 +62,13 @@ def test_one_run_per_output_dir_and_stale_locks_are_taken_over(tmp_path):
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started_at": "then"}))
     with pytest.raises(ConfigError, match="host elsewhere, pid 1, started then"):
         outputs.acquire_run_lock(tmp_path)
+    # ... unless it is this SLURM job's own earlier attempt (requeued on another node)
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job_id": "77"}))
+    os.environ["SLURM_JOB_ID"] = "77"
+    try:
+        assert json.loads(outputs.acquire_run_lock(tmp_path).read_text())["pid"] == os.getpid()
+    finally:
+        del os.environ["SLURM_JOB_ID"]
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
