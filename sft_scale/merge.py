@@ -143,9 +143,8 @@ def _classifier_head(adapter: Path, tokenizer) -> dict:
     names = labels[1:] if problem == "binary" else labels
     if len(names) == n:
         head.update(id2label=dict(enumerate(names)), label2id={x: i for i, x in enumerate(names)})
-    if problem:
-        head["problem_type"] = ("multi_label_classification" if problem == "multi_label"
-                                else "single_label_classification")
+    if problem == "multi_label":  # sigmoid per label at inference; the others are read by argmax
+        head["problem_type"] = "multi_label_classification"
     return head
 
 
