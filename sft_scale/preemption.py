@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
 import torch
-
-from sft_scale.errors import SftScaleError
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +23,20 @@ PREEMPTED_EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class PreemptedBeforeFirstStep(SftScaleError):
-    """Signalled before this attempt trained a step: nothing to checkpoint, exit for requeue."""
-
-    exit_code = 75
-    label = "preempted"
-
-
 class Preemption:
     def __init__(self):
         self.received: list[str] = []
         self.pid = os.getpid()
-        self.stepped = False  # set by the loop once this attempt finished a step
+        self.immediate = True  # until the saves at the end: stop at once if no step was made
+        self.state, self.start_step = None, None
+
+    def track(self, state) -> None:
+        """Watch the loop's state: once its step moved past `state.step` there is progress to
+        save, and a signal waits for the end of the step."""
+        self.state, self.start_step = state, state.step
+
+    def _made_progress(self) -> bool:
+        return self.state is not None and self.state.step != self.start_step
 
     def install(self) -> "Preemption":
         for sig in SIGNALS:
@@ -45,11 +46,15 @@ class Preemption:
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         self.received.append(name)
-        if not self.stepped and os.getpid() == self.pid:  # not in forked DataLoader workers
-            raise PreemptedBeforeFirstStep(
-                f"{name} received before the first step of this attempt finished: nothing new "
-                "to checkpoint; stopped at once (any previous checkpoint is intact). Rerun the "
-                "same command to resume.")
+        if self.immediate and not self._made_progress() and os.getpid() == self.pid:
+            # (the pid check: forked DataLoader workers inherit this handler)
+            # SystemExit, not an Exception: library code that catches broadly (model loading)
+            # must not swallow it; `finally` blocks and atexit (the run lock) still run.
+            print(f"preempted: {name} received before the first step of this attempt "
+                  "finished: nothing new to checkpoint; stopped at once (any previous "
+                  "checkpoint is intact). Rerun the same command to resume.", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         if len(self.received) == 1:
             log.warning("%s received: finishing this step, then checkpoint and exit", name)
         else:
@@ -57,6 +62,5 @@ class Preemption:
 
     def requested(self, accelerator) -> bool:
         """True on every rank once any rank was signalled (a collective: call on all ranks)."""
-        self.stepped = True
         flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
         return accelerator.reduce(flag, reduction="sum").item() > 0

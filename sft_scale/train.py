@@ -160,6 +160,7 @@ def run(cfg: Config) -> dict:
     state = LoopState()
     if resume_from is not None:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity)
+    preemption.track(state)
 
     # 4. The loop; checkpoints on schedule and on preemption.
     grouped = fast["group_by_length"]
@@ -206,7 +207,7 @@ def run(cfg: Config) -> dict:
     state = guard("training", train_loop, accelerator, model, optimizer, scheduler, train_ds,
                   sampler, cfg, steps, metrics, tokenizer.pad_token_id, task, state=state,
                   trace=trace, on_step_end=on_step_end)
-    preemption.stepped = True  # from here on a signal waits for the saves below
+    preemption.immediate = False  # from here on a signal waits for the saves below
     preempted = state.step < steps
     final_eval = None if preempted else run_eval(state)
     guard("checkpoint", ckpt.save_checkpoint, accelerator, scheduler, state, identity, out_dir,
@@ -273,11 +274,10 @@ def _write_guard(outputs, out_dir: Path, attempt: dict, main_proc: bool):
     def record(error: SftScaleError) -> None:
         if not main_proc:
             return
-        status = "preempted" if error.exit_code == 75 else "failed"
         attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       ended=f"{status}: {error.label}: {error}")
+                       ended=f"failed: {error.label}: {error}")
         try:
-            _finish_attempt(outputs, out_dir, attempt, status)
+            _finish_attempt(outputs, out_dir, attempt, "failed")
         except OSError:
             log.warning("could not record the failure in %s/manifest.json either", out_dir)
 
