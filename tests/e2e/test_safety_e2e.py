@@ -18,7 +18,7 @@ from tests.conftest import DEMO_CONFIG, ROOT, TRAIN, run_train
 
 pytestmark = pytest.mark.slow
 SMALL = ("training.max_steps=2", "training.micro_batch_size=4", "checkpoint.every_steps=1",
-         "training.logging_steps=1",
+         "training.logging_steps=1", "training.warmup_steps=0",
          "logging.plot=false", "logging.tensorboard=false", "eval.every_steps=0")
 
 
@@ -173,7 +173,8 @@ def test_a_signal_before_the_first_step_finished_exits_75_at_once(tmp_path):
 
 def test_a_classification_adapter_merges_into_a_classifier_with_its_head(tmp_path):
     out = tmp_path / "cls"
-    run_train(out, "training.max_steps=3", "logging.plot=false", "eval.every_steps=0",
+    run_train(out, "training.max_steps=3", "training.warmup_steps=0", "logging.plot=false",
+              "eval.every_steps=0",
               config=ROOT / "examples" / "classification.yaml")
     res = cli("merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
     assert res.returncode == 0, res.stderr[-3000:]
