@@ -596,9 +596,10 @@ def check_values(cfg: Config) -> list[Problem]:
         (t.adam_epsilon > 0, "training.adam_epsilon", "must be > 0, e.g. 1e-8"),
         (0.0 <= t.warmup_ratio < 1.0, "training.warmup_ratio", "must be in [0, 1)"),
         (t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0"),
-        (t.max_steps == 0 or t.warmup_steps <= t.max_steps, "training.warmup_steps",
-         f"({t.warmup_steps}) is beyond training.max_steps ({t.max_steps}): the learning rate "
-         "would never reach training.learning_rate. Lower it, or use warmup_ratio"),
+        (t.max_steps == 0 or t.warmup_steps <= WARMUP_REFUSE_FACTOR * t.max_steps,
+         "training.warmup_steps",
+         f"({t.warmup_steps}) is far beyond training.max_steps ({t.max_steps}): the learning "
+         "rate would stay near 0. Lower it, or use warmup_ratio"),
         (t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables clipping)"),
         (t.logging_steps >= 1, "training.logging_steps", "must be >= 1"),
         (bool(cfg.model.name_or_path.strip()), "model.name_or_path",
@@ -659,14 +660,25 @@ def validate(cfg: Config, src: str = "<config>") -> None:
     raise_problems(check_values(cfg), src, None)
 
 
-def check_warmup(cfg: Config, total_steps: int) -> None:
+# A warmup longer than the run may be meant (a 2-step smoke test of a real recipe): it gets a
+# loud warning. This many times the run is a typo (500 for 50), refused.
+WARMUP_REFUSE_FACTOR = 10
+
+
+def check_warmup(cfg: Config, total_steps: int) -> str | None:
     """Once the total steps are known (from the data when training.max_steps is 0): refuse a
-    warmup that never ends, before anything is written."""
-    if cfg.training.warmup_steps > total_steps:
+    warmup far beyond the run, before anything is written; a warning to print for one that is
+    merely longer than the run."""
+    w = cfg.training.warmup_steps
+    if w > WARMUP_REFUSE_FACTOR * total_steps:
         raise ConfigError(
-            f"'training.warmup_steps' ({cfg.training.warmup_steps}) is beyond the run's "
-            f"{total_steps} steps: the learning rate would never reach training.learning_rate. "
-            "Lower it, or use training.warmup_ratio")
+            f"'training.warmup_steps' ({w}) is far beyond the run's {total_steps} steps: the "
+            "learning rate would stay near 0. Lower it, or use training.warmup_ratio")
+    if w > total_steps:
+        return (f"training.warmup_steps ({w}) is beyond the run's {total_steps} steps: the "
+                f"learning rate never reaches training.learning_rate (it peaks at "
+                f"{total_steps / w:.0%} of it). Lower it, or use training.warmup_ratio")
+    return None
 
 
 def dump_yaml(cfg: Config, extra: dict | None = None) -> str:

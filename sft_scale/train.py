@@ -105,7 +105,9 @@ def run(cfg: Config) -> dict:
     with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
         train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
     steps = total_steps(cfg, len(train_ds), world)
-    check_warmup(cfg, steps)
+    warmup_warning = check_warmup(cfg, steps)
+    if warmup_warning and accelerator.is_main_process:
+        log.warning("WARNING: %s", warmup_warning)
     _check_micro_batch(cfg, len(train_ds))
     identity["data_fingerprint"] = ckpt.data_fingerprint(train_ds)
     resume_step = ckpt.check_resume(resume_from, identity, steps,
