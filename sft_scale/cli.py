@@ -163,9 +163,9 @@ def cmd_gguf(args) -> int:
 
 
 def _print_gguf(report: dict) -> None:
-    print(f"GGUF written: {report['gguf']} ({report['outtype']}); verified against "
+    print(f"GGUF written: {report['gguf']} ({report['outtype']}); run by llama.cpp against "
           f"{report['model']}: sample texts tokenised equal {report['sample_texts_tokenised_equal']}"
-          f", max |logit diff| {report['max_abs_logit_diff']:.3g} (tolerance "
+          f", max |log-prob diff| {report['max_abs_logprob_diff']:.3g} (tolerance "
           f"{report['tolerance']}), greedy generations equal: {report['greedy_generations_equal']}")
 
 

@@ -10,11 +10,11 @@ What is verified before the file is kept, against the Hugging Face model folder 
 - metadata through the `gguf` reader: tokenizer model and pre-tokenizer, the token list, BOS/EOS
   ids, whether llama.cpp will add a BOS (as the transformers tokenizer does), the chat template,
   RoPE theta, context length;
-- tokenisation of sample texts (and of a rendered chat, where the model has a template) by the
-  GGUF's tokenizer as transformers reads it, equal to the folder's tokenizer;
-- next-token logits of probe prompts by the GGUF's weights as transformers dequantizes them,
-  within a tolerance per output type, and greedy continuations.
-llama.cpp's own inference is compared by `bench/gguf_llama_cpp.py` (docs/GGUF.md).
+- run by llama.cpp itself (xllamacpp, a prebuilt llama.cpp from PyPI): tokenisation of sample
+  texts (and of a rendered chat, where the model has a template) equal to the folder's
+  tokenizer; next-token log-probabilities of probe prompts within a tolerance per output type;
+  greedy continuations (a difference is reported, not fatal, as near-ties flip under rounding).
+`bench/gguf_llama_cpp.py` runs the same comparison on 100 demo prompts (docs/GGUF.md).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from sft_scale.errors import ConfigError, MergeError
@@ -43,14 +44,17 @@ _KEEP_DIRS = ("conversion/", "gguf-py/")
 _MARKER = "SOURCE.json"
 
 OUTTYPES = ("f32", "f16", "q8_0")
-# Max |logit(GGUF) - logit(HF)| on the probe prompts. f32 is the same arithmetic (order of
-# additions only); f16 and q8_0 round every weight matrix (q8_0: 8-bit blocks of 32 with an f16
-# scale), measured on the demo and the real-tokenizer fixtures with a wide margin (docs/GGUF.md).
-TOLERANCE = {"f32": 1e-4, "f16": 0.05, "q8_0": 0.5}
+# Max |log p(llama.cpp) - log p(transformers)| over llama.cpp's top-10 next-token candidates of
+# the probe prompts. f32 differs by llama.cpp's f16 KV cache and order of additions only; f16 and
+# q8_0 round every weight matrix too (q8_0: 8-bit blocks of 32 with an f16 scale). Measured on
+# the demo and the real-tokenizer fixtures, with a wide margin (docs/GGUF.md).
+TOLERANCE = {"f32": 0.02, "f16": 0.05, "q8_0": 0.5}
 SAMPLE_TEXTS = ["Review: the soup was awful\nSentiment:", "Hello, my name is",
                 "The capital of France is", "  leading spaces, tabs\tand\n\nnewlines  ",
                 "Numbers 3 33 333 3333, 3.14 and 1e-5; code: def f(x): return x**2",
-                "Unicode: naïve café, Grüße, 日本語, emoji 🦙🚀", "<s> looks special but is text"]
+                "Unicode: naïve café, Grüße, 日本語, emoji 🦙🚀"]
+PROBE_PROMPTS = SAMPLE_TEXTS[:3]
+PROBE_NEW_TOKENS = 8
 SAMPLE_CHAT = [{"role": "system", "content": "You are terse."},
                {"role": "user", "content": "What is 2+2?"},
                {"role": "assistant", "content": "4"},
@@ -241,8 +245,44 @@ def check_metadata(meta: dict, tokenizer, config) -> list[str]:
     return problems
 
 
+class LlamaCpp:
+    """A GGUF loaded by llama.cpp itself, in this process: xllamacpp, a prebuilt llama.cpp CPU
+    build from PyPI (its server engine; the HTTP side listens on 127.0.0.1 only)."""
+
+    def __init__(self, gguf: Path, n_ctx: int = 512, threads: int = 2):
+        import xllamacpp  # 100 MB native library: loaded when a GGUF is checked, not at CLI start
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(gguf)
+        params.n_ctx = n_ctx
+        params.cpuparams.n_threads = threads
+        self.server = xllamacpp.Server(params)
+        self.address = self.server.listening_address
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        # parse_special: the text of a special token ("<|eot_id|>") becomes that token, as a
+        # transformers tokenizer does by default.
+        req = urllib.request.Request(
+            self.address + "/tokenize", headers={"Content-Type": "application/json"},
+            data=json.dumps({"content": text, "add_special": add_special,
+                             "parse_special": True}).encode())
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.load(resp)["tokens"]
+
+    def complete(self, ids: list[int], n_new: int, top_k: int) -> tuple[list[int], dict]:
+        """Greedy continuation of `ids`, and the log-probabilities of llama.cpp's top-k
+        candidates for the first new token (before sampling)."""
+        out = self.server.handle_completions({
+            "prompt": ids, "n_predict": n_new, "temperature": 0.0, "top_k": 1,
+            "n_probs": top_k, "post_sampling_probs": False, "cache_prompt": False, "seed": 0})
+        content = out["choices"][0]["logprobs"]["content"]
+        return ([c["id"] for c in content],
+                {c["id"]: c["logprob"] for c in content[0]["top_logprobs"]})
+
+
 def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
-    """Compare the GGUF with the model folder it was made from; raise MergeError on a mismatch."""
+    """Compare the GGUF, as llama.cpp reads and runs it, with the model folder it was made from;
+    raise MergeError on a mismatch."""
     # torch and transformers load here only: the CLI imports this module at start-up.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -253,29 +293,36 @@ def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
     meta = read_metadata(gguf_path)
     problems = check_metadata(meta, tokenizer, config)
 
+    cpp = LlamaCpp(gguf_path)
     texts = list(SAMPLE_TEXTS)
     if isinstance(tokenizer.chat_template, str):
         texts.append(tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=False,
                                                    add_generation_prompt=True))
-    g_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    differ = [t for t in texts if g_tok(t)["input_ids"] != tokenizer(t)["input_ids"]]
+    # A rendered chat holds its BOS as text already: no special tokens added there.
+    differ = [t for k, t in enumerate(texts)
+              if cpp.tokenize(t, add_special=k < len(SAMPLE_TEXTS)) !=
+              tokenizer(t, add_special_tokens=k < len(SAMPLE_TEXTS))["input_ids"]]
     if differ:
-        problems.append(f"{len(differ)}/{len(texts)} sample texts tokenise differently, e.g. "
-                        f"{differ[0]!r}")
+        problems.append(f"{len(differ)}/{len(texts)} sample texts tokenise differently in "
+                        f"llama.cpp, e.g. {differ[0]!r}")
 
-    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    got = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                               dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    eos = ref.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
     diff, greedy_equal = 0.0, True
-    with torch.no_grad():
-        for text in SAMPLE_TEXTS[:3]:
-            ids = torch.tensor([tokenizer(text)["input_ids"]])
-            diff = max(diff, (ref(ids).logits - got(ids).logits).abs().max().item())
-            kw = dict(max_new_tokens=8, do_sample=False,
-                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            greedy_equal &= torch.equal(ref.generate(ids, **kw), got.generate(ids, **kw))
+    for text in PROBE_PROMPTS:
+        ids = tokenizer(text)["input_ids"]
+        cpp_new, cpp_first = cpp.complete(ids, PROBE_NEW_TOKENS, top_k=10)
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            logprobs = torch.log_softmax(ref(x).logits[0, -1].float(), -1)
+            gen = ref.generate(x, max_new_tokens=PROBE_NEW_TOKENS, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        diff = max(diff, *(abs(lp - logprobs[i].item()) for i, lp in cpp_first.items()))
+        greedy_equal &= _until(gen[0, len(ids):].tolist(), eos) == _until(cpp_new, eos)
     if diff > TOLERANCE[outtype]:
-        problems.append(f"max |logit diff| {diff:.3g} > {TOLERANCE[outtype]} ({outtype})")
+        problems.append(f"llama.cpp's next-token log-probabilities differ from transformers' by "
+                        f"up to {diff:.3g} > {TOLERANCE[outtype]} ({outtype})")
     report = {"gguf": str(gguf_path), "model": str(model_dir), "outtype": outtype,
               "converter": f"llama.cpp via llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}",
               "architecture": meta.get("general.architecture"),
@@ -285,16 +332,21 @@ def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
               "chat_template": "tokenizer.chat_template" in meta,
               "tensors": len(meta["__tensors__"]),
               "sample_texts_tokenised_equal": f"{len(texts) - len(differ)}/{len(texts)}",
-              "max_abs_logit_diff": diff, "tolerance": TOLERANCE[outtype],
+              "max_abs_logprob_diff": diff, "tolerance": TOLERANCE[outtype],
               "greedy_generations_equal": greedy_equal, "problems": problems}
     log.info("GGUF verification: %s", report)
     if problems:
         raise MergeError(f"{gguf_path.name} does not match {model_dir}: " + "; ".join(problems)
                          + "; the GGUF was not kept")
     if not greedy_equal:
-        log.warning("greedy generations differ between the GGUF (%s) and the model, with "
-                    "logits within tolerance (near-tied tokens)", outtype)
+        log.warning("greedy generations differ between llama.cpp (%s) and transformers, with "
+                    "log-probabilities within tolerance (near-tied tokens)", outtype)
     return report
+
+
+def _until(ids: list[int], stop: set) -> list[int]:
+    """Tokens before the first stop token (transformers returns it, llama.cpp does not)."""
+    return ids[:next((i for i, t in enumerate(ids) if t in stop), len(ids))]
 
 
 def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | None = None,
