@@ -295,16 +295,31 @@ def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
 
     cpp = LlamaCpp(gguf_path)
     texts = list(SAMPLE_TEXTS)
+    differ = [t for t in texts if cpp.tokenize(t) != tokenizer(t)["input_ids"]]
+    spm_only = _sentencepiece_agrees(model_dir, cpp, tokenizer, differ)
+    if spm_only:
+        log.warning("%d sample text(s) tokenise differently in transformers than in the model's "
+                    "own SentencePiece model, which llama.cpp follows exactly (e.g. %r): the "
+                    "transformers tokenizer differs from SentencePiece there, not the GGUF",
+                    len(spm_only), spm_only[0])
+    if len(differ) > len(spm_only):
+        bad = [t for t in differ if t not in spm_only]
+        problems.append(f"{len(bad)}/{len(texts)} sample texts tokenise differently in "
+                        f"llama.cpp, e.g. {bad[0]!r}")
+    chat_equal = None
     if isinstance(tokenizer.chat_template, str):
-        texts.append(tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=False,
-                                                   add_generation_prompt=True))
-    # A rendered chat holds its BOS as text already: no special tokens added there.
-    differ = [t for k, t in enumerate(texts)
-              if cpp.tokenize(t, add_special=k < len(SAMPLE_TEXTS)) !=
-              tokenizer(t, add_special_tokens=k < len(SAMPLE_TEXTS))["input_ids"]]
-    if differ:
-        problems.append(f"{len(differ)}/{len(texts)} sample texts tokenise differently in "
-                        f"llama.cpp, e.g. {differ[0]!r}")
+        # A rendered chat holds its BOS as text already: no special tokens added.
+        chat = tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=False,
+                                             add_generation_prompt=True)
+        chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+        chat_equal = cpp.tokenize(chat, add_special=False) == chat_ids
+        if not chat_equal:
+            # Seen with SentencePiece tokenizers saved with legacy=False: llama.cpp starts the
+            # text after every special token with a word-start marker, transformers does not.
+            # The model then reads slightly different ids in llama.cpp than in training.
+            log.warning("the rendered chat template tokenises differently in llama.cpp than in "
+                        "transformers (text right after special tokens): served prompts will "
+                        "differ slightly from the training ones; see docs/GGUF.md")
 
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     eos = ref.generation_config.eos_token_id
@@ -332,6 +347,8 @@ def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
               "chat_template": "tokenizer.chat_template" in meta,
               "tensors": len(meta["__tensors__"]),
               "sample_texts_tokenised_equal": f"{len(texts) - len(differ)}/{len(texts)}",
+              "chat_tokenised_equal": chat_equal,
+              "differ_from_transformers_as_sentencepiece_does": spm_only,
               "max_abs_logprob_diff": diff, "tolerance": TOLERANCE[outtype],
               "greedy_generations_equal": greedy_equal, "problems": problems}
     log.info("GGUF verification: %s", report)
@@ -342,6 +359,21 @@ def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
         log.warning("greedy generations differ between llama.cpp (%s) and transformers, with "
                     "log-probabilities within tolerance (near-tied tokens)", outtype)
     return report
+
+
+def _sentencepiece_agrees(model_dir: Path, cpp: LlamaCpp, tokenizer, texts: list[str]) -> list:
+    """Of plain `texts` (no special tokens inside), those whose llama.cpp ids equal the ids of
+    the folder's SentencePiece `tokenizer.model` itself: the official tokenizer, which
+    llama.cpp implements and which transformers' converted fast tokenizer can differ from."""
+    path = model_dir / "tokenizer.model"
+    if not path.is_file() or not texts:
+        return []
+    import sentencepiece  # only for SentencePiece models
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    bos = tokenizer("a")["input_ids"][:1] if tokenizer.bos_token_id is not None else []
+    bos = bos if bos == [tokenizer.bos_token_id] else []
+    return [t for t in texts if t in SAMPLE_TEXTS and cpp.tokenize(t) == bos + sp.encode(t)]
 
 
 def _until(ids: list[int], stop: set) -> list[int]:

@@ -35,12 +35,12 @@ def tensor(reader, name) -> np.ndarray:
 
 
 
-@pytest.mark.parametrize("name,outtype,tok_model,pre", [
-    ("llama", "f32", "gpt2", "llama-bpe"),     # Llama-3's tiktoken-derived BPE
-    ("mistral", "q8_0", "llama", "default"),   # Mistral v3 SentencePiece
+@pytest.mark.parametrize("name,outtype,arch,tok_model,pre", [
+    ("llama", "f32", "llama", "gpt2", "llama-bpe"),     # Llama-3's tiktoken-derived BPE
+    ("mistral", "q8_0", "llama", "llama", "default"),   # Mistral v3 SentencePiece
 ])
 def test_real_tokenizer_family_exports_a_gguf_that_llama_cpp_reads_as_transformers_does(
-        family_model, tmp_path, name, outtype, tok_model, pre):
+        family_model, tmp_path, name, outtype, arch, tok_model, pre):
     model_dir = family_model(name)
     fam = FAMILY[name]
     out = tmp_path / f"{name}.gguf"
@@ -51,8 +51,7 @@ def test_real_tokenizer_family_exports_a_gguf_that_llama_cpp_reads_as_transforme
     cfg = json.loads((model_dir / "config.json").read_text())
     meta, reader = fields(out)
 
-    arch = meta["general.architecture"]
-    assert arch == cfg["model_type"]
+    assert meta["general.architecture"] == arch
     assert meta["tokenizer.ggml.model"] == tok_model
     assert meta.get("tokenizer.ggml.pre", "default") == pre
     assert meta["tokenizer.ggml.tokens"][:len(tok)] == tok.convert_ids_to_tokens(range(len(tok)))
@@ -79,16 +78,20 @@ def test_real_tokenizer_family_exports_a_gguf_that_llama_cpp_reads_as_transforme
         hf = weights[hf_name].numpy()
         np.testing.assert_allclose(tensor(reader, gguf_name).reshape(hf.shape), hf, atol=tol)
 
-    # llama.cpp's own tokenizer on the sample texts and the rendered chat.
-    texts = SAMPLE_TEXTS + [tok.apply_chat_template(
-        [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
-        tokenize=False)]
+    # llama.cpp's own tokenizer, with special tokens: BOS exactly where the tokenizer adds one.
+    # The reference for a SentencePiece family is its tokenizer.model itself: transformers'
+    # converted tokenizer differs from it on runs of spaces (measured, docs/GGUF.md).
     cpp = LlamaCpp(out, n_ctx=512, threads=1)
-    # With special tokens: llama.cpp adds BOS exactly where the transformers tokenizer does.
-    assert [cpp.tokenize(t) for t in SAMPLE_TEXTS] == [tok(t)["input_ids"] for t in SAMPLE_TEXTS]
-    # The rendered chat holds its BOS as text already.
-    assert cpp.tokenize(texts[-1], add_special=False) == tok(
-        texts[-1], add_special_tokens=False)["input_ids"]
+    if fam.sentencepiece:
+        import sentencepiece
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+        want = [[tok.bos_token_id] + sp.encode(t) for t in SAMPLE_TEXTS]
+    else:
+        want = [tok(t)["input_ids"] for t in SAMPLE_TEXTS]
+    assert [cpp.tokenize(t) for t in SAMPLE_TEXTS] == want
+    # The rendered chat: equal for Llama-3; for the SentencePiece family llama.cpp puts a
+    # word-start marker after each special token and transformers (legacy=False) does not.
+    assert report["chat_tokenised_equal"] is (not fam.sentencepiece)
 
 
 def test_demo_model_exports_as_gpt2_pre_tokenizer_and_llama_cpp_answers_like_transformers(
