@@ -12,6 +12,26 @@ from pathlib import Path
 from sft_scale.errors import ConfigError, run_reporting_errors
 from sft_scale.gguf_export import OUTTYPES, export_gguf, require_converter
 
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (processes, nodes, GPUs, micro-batch): an int >= 1. A 0 would
+    divide by zero in the plan, or silently fall back to the config's value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port_arg(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 def _zero_arg(text: str):
     if text == "auto":
         return text
@@ -26,6 +46,8 @@ def cmd_train(args) -> int:
     from sft_scale.preflight import resolve_deepspeed
 
     cfg = load_config(args.config, args.overrides, args.output_dir)  # fail fast, before launching
+    if not 0 <= args.node_rank < args.nodes:
+        raise ConfigError(f"--node-rank {args.node_rank}: must be in [0, --nodes {args.nodes})")
     zero = args.zero if args.zero is not None else cfg.distributed.zero
     offload = args.offload or cfg.distributed.offload
     layout = Layout(nproc_per_node=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
@@ -83,8 +105,10 @@ def cmd_check(args) -> int:
                        gpu_memory=_memory_arg(args.gpu_memory) if args.gpu_memory else None)
     if args.json:
         print(json.dumps(report, indent=2))
-    print("check: ok" if report["disk_ok"] else "check: FAILED (disk)", flush=True)
-    return 0 if report["disk_ok"] else 1
+    failed = [what for what, ok in (("disk", report["disk_ok"]), ("memory", report["memory_ok"]))
+              if not ok]
+    print(f"check: FAILED ({', '.join(failed)})" if failed else "check: ok", flush=True)
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -170,10 +194,16 @@ def _print_gguf(report: dict) -> None:
 
 
 def cmd_eval(args) -> int:
+    from sft_scale.builtin import resolve_model_path
     from sft_scale.config import DatasetSource, load_config
     from sft_scale.demo import DEMO_CONFIG
     from sft_scale.evaluate import eval_before_after, format_table
 
+    resolve_model_path(args.model, key="--model")  # a missing or uncached model, said in seconds
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {args.adapter}: no PEFT adapter there (no "
+                          "adapter_config.json); pass a run's OUTPUT_DIR/adapter or "
+                          "OUTPUT_DIR/best_adapter folder")
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     cfg.model.name_or_path = args.model
     cfg.eval.max_new_tokens = args.max_new_tokens
@@ -204,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="compose and run the accelerate launch line")
     config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs) per node")
+    p.add_argument("--nodes", type=positive_int, default=1, help="number of nodes")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rank-0 node address (multi-node)")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-port", type=_port_arg, default=29500)
     p.add_argument("--zero", type=_zero_arg, default=None,
                    help="DeepSpeed ZeRO stage 0-3 (ds_configs/zeroN.json) or auto (the stage "
                    "that fits, see `sft-scale plan`); default: the config's")
@@ -220,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-GPU memory of every ZeRO stage from the model config "
                        "alone; the stage and micro-batch that fit")
     config_args(p)
-    p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=1)
+    p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--gpu-memory", default="80GiB", help="per GPU, e.g. 80GiB, 24GiB, 40GB")
-    p.add_argument("--micro-batch", type=int, default=None,
+    p.add_argument("--micro-batch", type=positive_int, default=None,
                    help="default: the config's training.micro_batch_size")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
@@ -231,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate config, model, tokenizer, data sample, steps, "
                        "disk and the launch line, in seconds, before a cluster job")
     config_args(p)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=1, help="processes per node")
+    p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--zero", type=_zero_arg, default=None, help="default: the config's")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--deepspeed-config", default=None)
@@ -247,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("preview", help="tokenized examples with the trained part marked, "
                             "then statistics")
     config_args(p)
-    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.add_argument("-n", type=positive_int, default=3, help="examples to show")
     p.set_defaults(func=cmd_data_preview)
 
     p = sub.add_parser("slurm", help="submit and follow SLURM jobs")
@@ -324,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="held-out records (any supported format)")
     p.add_argument("--config", default=None, help="for data/template settings (optional)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--max-examples", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--max-examples", type=positive_int, default=200)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="tiny offline demo: evaluate, fine-tune, evaluate again")

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sft_scale.builtin import resolve_model_path
 from sft_scale.config import load_config
 from sft_scale.errors import ClusterError, ConfigError
 from sft_scale.launch import Layout, launch_command
@@ -75,6 +76,9 @@ def render(config: str, opts: SlurmOptions, overrides: list[str] = (),
 
     config = str(Path(config).absolute())
     cfg = load_config(config, list(overrides), output_dir)
+    # A model that cannot be found (a missing folder, a hub id neither cached nor reachable)
+    # fails here in seconds, not after the job has waited in the queue.
+    resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
     out = Path(cfg.output.dir).resolve()
     layout = Layout(nproc_per_node=opts.procs, nodes=opts.nodes, node_rank="${SLURM_NODEID}",
                     master_addr="${MASTER_ADDR}", master_port="${MASTER_PORT}",
