@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sft_scale.gguf_export import LLAMA_CPP_PYTHON_VERSION, LlamaCpp, export_gguf  # noqa: E402
+from sft_scale.gguf_export import LLAMA_CPP_PYTHON_VERSION, LlamaCpp, export_gguf
 
 
 def load_prompts(path: Path, n: int) -> list[str]:

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     script = args.converter_dir / "convert_hf_to_gguf.py"
     # The converter imports `conversion` from its own folder and `gguf` from its gguf-py.
     sys.path[:0] = [str(args.converter_dir), str(args.converter_dir / "gguf-py")]
-    import conversion.base as base  # noqa: PLC0415 (only importable after the path above)
+    from conversion import base  # importable only with the path above
 
     original_pre = base.TextModel.get_vocab_base_pre
 

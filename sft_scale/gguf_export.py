@@ -89,7 +89,7 @@ def install_converter(dest: Path | None = None, sdist: Path | None = None) -> Pa
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                    "--disable-pip-version-check", "-q",
                    f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             found = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if proc.returncode != 0 or not found:
                 raise ConfigError("could not download llama-cpp-python=="
@@ -168,7 +168,7 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16",
     log.info("llama.cpp converter (llama-cpp-python %s): %s", LLAMA_CPP_PYTHON_VERSION,
              " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 64:
             raise ConfigError(
                 f"{model_dir}: llama.cpp does not recognise this BPE tokenizer. Its converter names "
@@ -280,9 +280,11 @@ class LlamaCpp:
                 {c["id"]: c["logprob"] for c in content[0]["top_logprobs"]})
 
 
-def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
+def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str,
+           meta: dict | None = None) -> dict:
     """Compare the GGUF, as llama.cpp reads and runs it, with the model folder it was made from;
-    raise MergeError on a mismatch."""
+    raise MergeError on a mismatch. `meta`: the file's metadata if already read (the reader
+    takes ~25 s for a 128k-token vocabulary)."""
     # torch and transformers load here only: the CLI imports this module at start-up.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -290,7 +292,7 @@ def verify(model_dir: str | Path, gguf_path: str | Path, outtype: str) -> dict:
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     config = AutoConfig.from_pretrained(str(model_dir))
-    meta = read_metadata(gguf_path)
+    meta = meta or read_metadata(gguf_path)
     problems = check_metadata(meta, tokenizer, config)
 
     cpp = LlamaCpp(gguf_path)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError
-from sft_scale.gguf_export import SAMPLE_TEXTS, LlamaCpp, export_gguf
+from sft_scale.gguf_export import SAMPLE_TEXTS, LlamaCpp, convert, export_gguf, verify
 from tests.conftest import ROOT, run_train
 from tests.families import FAMILY
 
@@ -25,14 +25,12 @@ pytestmark = pytest.mark.slow
 
 def fields(path) -> dict:
     reader = GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items()}, reader
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
 
 
 def tensor(reader, name) -> np.ndarray:
     t = next(t for t in reader.tensors if t.name == name)
     return dequantize(t.data, t.tensor_type)
-
-
 
 
 @pytest.mark.parametrize("name,outtype,arch,tok_model,pre", [
@@ -43,13 +41,16 @@ def test_real_tokenizer_family_exports_a_gguf_that_llama_cpp_reads_as_transforme
         family_model, tmp_path, name, outtype, arch, tok_model, pre):
     model_dir = family_model(name)
     fam = FAMILY[name]
-    out = tmp_path / f"{name}.gguf"
-    report = export_gguf(model_dir, outtype, out=out)
-    assert report["sample_texts_tokenised_equal"].split("/")[0] == \
-        report["sample_texts_tokenised_equal"].split("/")[1]
+    out = convert(model_dir, tmp_path / f"{name}.gguf", outtype)
+    meta, reader = fields(out)  # read once, here, and handed to verify (25 s for 128k tokens)
+    report = verify(model_dir, out, outtype, meta={**meta, "__tensors__": {
+        t.name: [int(x) for x in t.shape] for t in reader.tensors}})
+    equal, total = map(int, report["sample_texts_tokenised_equal"].split("/"))
+    # A SentencePiece family may differ from transformers only where SentencePiece itself does.
+    assert total - equal == len(report["differ_from_transformers_as_sentencepiece_does"])
+    assert fam.sentencepiece or equal == total
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
-    meta, reader = fields(out)
 
     assert meta["general.architecture"] == arch
     assert meta["tokenizer.ggml.model"] == tok_model
@@ -140,7 +141,7 @@ def test_export_format_gguf_merges_a_lora_run_and_writes_a_verified_gguf(tmp_pat
     out = tmp_path / "exported"
     proc = subprocess.run([sys.executable, "-m", "sft_scale.cli", "export", "--run", str(run),
                            "--out", str(out), "--format", "gguf", "--gguf-type", "q8_0"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "GGUF written" in proc.stdout
     # A model folder llama.cpp's converter takes, the merge report, and the GGUF with its report.

@@ -10,7 +10,13 @@ import pytest
 from sft_scale import gguf_export
 from sft_scale.cli import main
 from sft_scale.errors import ConfigError
-from sft_scale.gguf_export import _VENDOR, _wanted, convert, gpt2_pre_tokenizer, install_converter
+from sft_scale.gguf_export import (
+    _VENDOR,
+    _wanted,
+    convert,
+    gpt2_pre_tokenizer,
+    install_converter,
+)
 
 
 def member(name, kind=tarfile.REGTYPE):
