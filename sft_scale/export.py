@@ -107,6 +107,7 @@ def export_to_gguf(run_dir: str, out: str, outtype: str = "f16", checkpoint: str
     if not run_config(Path(run_dir)).lora.enabled:
         export(run_dir, out, checkpoint, overwrite)
     else:
+        out_path.absolute().parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.adapter-",
                                         dir=out_path.absolute().parent))
         try:
