@@ -137,7 +137,8 @@ def test_unknown_bpe_tokenizer_is_refused_with_what_to_do(tmp_path):
 
 def test_export_format_gguf_merges_a_lora_run_and_writes_a_verified_gguf(tmp_path):
     run = tmp_path / "run"
-    run_train(run, "training.max_steps=4", "training.micro_batch_size=4")
+    run_train(run, "training.max_steps=4", "training.warmup_steps=1",
+              "training.micro_batch_size=4")
     out = tmp_path / "exported"
     proc = subprocess.run([sys.executable, "-m", "sft_scale.cli", "export", "--run", str(run),
                            "--out", str(out), "--format", "gguf", "--gguf-type", "q8_0"],
