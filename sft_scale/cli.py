@@ -130,18 +130,13 @@ def cmd_slurm(args) -> int:
     from sft_scale import slurm
 
     if args.slurm_command == "submit":
-        opts = slurm.SlurmOptions(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
-            partition=args.partition, account=args.account, qos=args.qos,
-            constraint=args.constraint, time=args.time, cpus_per_task=args.cpus_per_task,
-            mem=args.mem, job_name=args.job_name, extra_sbatch=args.extra_sbatch,
-            setup=args.setup, zero=args.zero, offload=args.offload,
-            deepspeed_config=args.deepspeed_config, signal_seconds=args.signal_seconds,
-            max_requeues=args.max_requeues)
-        slurm.submit(args.config, opts, args.overrides, args.output_dir, args.dry_run)
+        slurm.submit(args.config, slurm.options_from_args(args), args.overrides, args.output_dir,
+                     args.dry_run)
     elif args.slurm_command == "status":
         print(json.dumps(slurm.status(args.output_dir), indent=2))
     elif args.slurm_command == "logs":
+        if args.lines < 1:
+            raise ConfigError(f"-n/--lines {args.lines}: must be >= 1")
         lines = slurm.log_file(args.output_dir).read_text().splitlines()
         print("\n".join(lines[-args.lines:]))
     elif args.slurm_command == "cancel":
@@ -280,28 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=positive_int, default=3, help="examples to show")
     p.set_defaults(func=cmd_data_preview)
 
+    from sft_scale import slurm as slurm_options  # its dataclass declares the submit flags
+
     p = sub.add_parser("slurm", help="submit and follow SLURM jobs")
     slurm_sub = p.add_subparsers(dest="slurm_command", required=True)
     p = slurm_sub.add_parser("submit", help="render the sbatch script, keep it, submit it")
     config_args(p)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 for CPU-only nodes")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="training processes per node (default: GPUs per node, or 1)")
-    for name in ("partition", "account", "qos", "constraint", "time", "mem"):
-        p.add_argument(f"--{name}", default=None)
-    p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--job-name", default="sft-scale")
-    p.add_argument("--extra-sbatch", action="append", default=[], metavar="LINE",
-                   help="an extra #SBATCH option, e.g. --extra-sbatch=--exclusive (repeatable)")
-    p.add_argument("--setup", action="append", default=[], metavar="LINE",
-                   help="a shell line run before training, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--zero", type=_zero_arg, default=None)
-    p.add_argument("--offload", action="store_true")
-    p.add_argument("--deepspeed-config", default=None)
-    p.add_argument("--signal-seconds", type=int, default=120,
-                   help="USR1 this long before the time limit: checkpoint and requeue")
-    p.add_argument("--max-requeues", type=int, default=3)
+    slurm_options.add_arguments(p, types={"zero": _zero_arg})
     p.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     p.set_defaults(func=cmd_slurm)
     for name, text in (("status", "the last job's state and the run's status"),

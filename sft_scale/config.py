@@ -149,6 +149,10 @@ class DistributedConfig:
     zero: Union[int, Literal["auto"], None] = None
     offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; wins over zero
+    # How long a collective may wait for the slowest rank before the process group gives up
+    # (torch.distributed / DeepSpeed init_distributed). Raise it when rank 0 does long work the
+    # others wait for (tokenizing a big dataset, writing a big checkpoint to a slow filesystem).
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -615,6 +619,8 @@ def check_values(cfg: Config) -> list[Problem]:
          "(or data.datasets) must name at least one training file, e.g. [train.jsonl]"),
         (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
         (cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1"),
+        (0 < cfg.distributed.timeout_minutes <= 1440, "distributed.timeout_minutes",
+         "must be > 0 and at most 1440 (a day)"),
     ]
     problems = [Problem(key, f"'{key}' {msg}") for ok, key, msg in checks if not ok]
 
