@@ -1,9 +1,12 @@
 """`sft-scale export`: a clean PEFT adapter (or a consolidated model) from any checkpoint of a run,
-including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks."""
+including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks; with
+`--format gguf`, a model folder plus its verified GGUF for llama.cpp / Ollama."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -11,8 +14,9 @@ import torch
 from sft_scale.builtin import resolve_model_path
 from sft_scale.checkpoint import find_resume_checkpoint, verify, weights_only_loads
 from sft_scale.config import Config, ConfigError, config_from_dict
+from sft_scale.gguf_export import export_gguf
 from sft_scale.io_utils import atomic_dir
-from sft_scale.merge import check_output
+from sft_scale.merge import check_output, merge
 
 
 def run_config(run_dir: Path) -> Config:
@@ -93,3 +97,24 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             {"run": str(run), "checkpoint": str(ckpt), "base": base,
              "kind": "adapter" if cfg.lora.enabled else "model"}, indent=2) + "\n")
     return out_path
+
+
+def export_to_gguf(run_dir: str, out: str, outtype: str = "f16", checkpoint: str | None = None,
+                   overwrite: bool = False, pre_tokenizer: str | None = None) -> dict:
+    """A checkpoint as a model folder llama.cpp's converter takes (config.json, weights,
+    tokenizer) and its verified GGUF. A LoRA checkpoint's adapter is exported to a scratch
+    folder and merged (verified) into OUT first: an adapter folder has no config.json."""
+    out_path = Path(out)
+    check_output(out_path, overwrite)
+    if not run_config(Path(run_dir)).lora.enabled:
+        export(run_dir, out, checkpoint, overwrite)
+    else:
+        out_path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.adapter-",
+                                        dir=out_path.absolute().parent))
+        try:
+            export(run_dir, str(scratch / "adapter"), checkpoint)
+            merge(str(scratch / "adapter"), out, overwrite=overwrite)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return export_gguf(out_path, outtype, pre_tokenizer=pre_tokenizer)
