@@ -13,6 +13,7 @@ from sft_scale.checkpoint import find_resume_checkpoint, verify
 from sft_scale.config import Config, ConfigError, config_from_dict
 from sft_scale.io_utils import atomic_dir
 from sft_scale.merge import check_output
+from sft_scale.model import load_tokenizer
 
 
 def run_config(run_dir: Path) -> Config:
@@ -57,7 +58,9 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
     state = checkpoint_state_dict(ckpt)
     base = resolve_model_path(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    # With model.add_tokens the adapter needs the tokenizer training used (same ids).
+    tokenizer = load_tokenizer(cfg) if cfg.model.add_tokens or cfg.model.add_special_tokens \
+        else AutoTokenizer.from_pretrained(base)
     model_config = AutoConfig.from_pretrained(base)
 
     with atomic_dir(out_path) as tmp:
@@ -65,10 +68,11 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             from peft import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            from sft_scale.model import wrap_lora
+            from sft_scale.model import resize_for_added_tokens, wrap_lora
             # The module structure is all PEFT needs to name the adapter's tensors: meta device.
             with init_empty_weights():
-                skeleton = wrap_lora(AutoModelForCausalLM.from_config(model_config), cfg)
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+                skeleton = wrap_lora(skeleton, cfg, resize_for_added_tokens(skeleton, cfg, False))
             adapter_sd = get_peft_model_state_dict(skeleton, state_dict=state)
             if not adapter_sd or any(v.numel() == 0 for v in adapter_sd.values()):
                 raise ConfigError(f"{ckpt}: holds no adapter weights (empty tensors)")
