@@ -100,7 +100,7 @@ def added_token_ids(tokenizer, cfg: Config) -> list[int]:
 
 def resize_for_added_tokens(model, cfg: Config, mean_resizing: bool = True) -> list[int]:
     """Grow the embedding (and an untied LM head) to the tokenizer with the added tokens; the ids
-    whose rows must be trained. New rows start at the mean of the old ones (transformers'
+    whose rows must be trained. New rows are drawn around the mean of the old ones (transformers'
     mean_resizing), so a new token starts out as an average token, not as noise."""
     if not (cfg.model.add_tokens or cfg.model.add_special_tokens):
         return []
