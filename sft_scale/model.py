@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -42,12 +41,20 @@ def open_tokenizer(path: str, **kwargs):
     except (ValueError, ImportError, OSError) as e:
         folder = Path(path)
         if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file() \
-                and importlib.util.find_spec("sentencepiece") is None:
+                and not _has_sentencepiece():
             raise ConfigError(f"{folder / 'tokenizer.model'}: a SentencePiece tokenizer, and the "
                               "sentencepiece package is not installed; install it with "
                               "`pip install sentencepiece protobuf` (sft_scale depends on both)"
                               ) from e
         raise
+
+
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_model(cfg: Config, device_index: int | None = None, labels: list[str] | None = None,
