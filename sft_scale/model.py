@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.config import Config
+from sft_scale.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -15,11 +16,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 
 def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
-    tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    tok = open_tokenizer(path, revision=cfg.model.revision,
+                         trust_remote_code=cfg.model.trust_remote_code)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {path!r} has no EOS token: generation could never stop. "
                          "Use a tokenizer with an eos_token, or set model.tokenizer to one.")
@@ -33,6 +32,33 @@ def load_tokenizer(cfg: Config):
         tok.pad_token = tok.eos_token
         log.info("tokenizer has no pad token; using EOS (%r) for padding", tok.eos_token)
     return tok
+
+
+def open_tokenizer(path: str, **kwargs):
+    """AutoTokenizer.from_pretrained, with a clear error where a SentencePiece-only tokenizer
+    (tokenizer.model, no tokenizer.json) meets a machine without sentencepiece: transformers
+    then falls through to its tiktoken reader and says "`tiktoken` is required"."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError, OSError) as e:
+        folder = Path(path)
+        if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file() \
+                and not _has_sentencepiece():
+            raise ConfigError(f"{folder / 'tokenizer.model'}: a SentencePiece tokenizer, and the "
+                              "sentencepiece package is not installed; install it with "
+                              "`pip install sentencepiece protobuf` (sft_scale depends on both)"
+                              ) from e
+        raise
+
+
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_model(cfg: Config, device_index: int | None = None, labels: list[str] | None = None,

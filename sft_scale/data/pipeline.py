@@ -15,7 +15,7 @@ from sft_scale.config import Config, ConfigError, DatasetSource
 from sft_scale.data.formats import (MODALITY_COLUMNS, PROMPT_KEYS, detect_format,
                                     to_example, unused_columns)
 from sft_scale.data.sources import SOURCE_COLUMN, DataError, apply_weight, load_source
-from sft_scale.data.templates import resolve_template
+from sft_scale.data.templates import fallback_warning, resolve_template
 from sft_scale.data.tokenize import encode_example
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class DataStats:
     duplicates: int = 0
     eval_in_train: int = 0
     labels: list | None = None  # classification: label names in head order
+    chat: bool = False  # chat examples were trained (the chat template is saved with the model)
+    bos: bool | None = None  # training sequences begin with BOS (the saved tokenizer adds it)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,9 +145,16 @@ def _label_index(label, names: list[str], multi: bool, binary: bool, where: str 
     return idx(label)
 
 
+def has_chat(ds) -> bool:
+    return any('"kind": "chat"' in e for e in ds["example"])
+
+
 def encode_dataset(ds, tokenizer, cfg: Config, labels: list[str] | None = None):
     template = resolve_template(tokenizer, cfg.data.chat_template)
     d = cfg.data
+    warning = fallback_warning(tokenizer, d.chat_template)
+    if warning and cfg.task != "classification" and has_chat(ds):
+        log.warning(warning)
     if cfg.task == "classification":
         multi = cfg.classification.problem_type == "multi_label" or (
             cfg.classification.problem_type == "auto"
@@ -185,9 +194,13 @@ def build_datasets(cfg: Config, tokenizer):
         eval_ds, train = train.select(range(n_eval)), train.select(range(n_eval, len(train)))
     labels = label_names(train, cfg) if cfg.task == "classification" else None
     duplicates, in_train = repeated_examples(train, eval_ds)
+    chat = cfg.task != "classification" and has_chat(train)
     train, stats = _finish(encode_dataset(train, tokenizer, cfg, labels), "training")
     stats.labels = labels
     stats.duplicates, stats.eval_in_train = len(duplicates), len(in_train)
+    stats.chat = chat
+    stats.bos = tokenizer.bos_token_id is not None and \
+        train[0]["input_ids"][0] == tokenizer.bos_token_id
     if eval_ds is not None:
         eval_ds, _ = _finish(encode_dataset(eval_ds, tokenizer, cfg, labels), "eval")
         stats.eval_examples = len(eval_ds)

@@ -52,14 +52,36 @@ def resolve_template(tokenizer, choice: str) -> str:
                      f"{sorted(NAMED)}, nor Jinja text")
 
 
-TURN_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+def fallback_warning(tokenizer, choice: str) -> str | None:
+    """What to tell the user when `auto` found no template on the tokenizer and chose ChatML: the
+    model will be trained (and saved) with a format its base never saw, and ChatML's markers are
+    plain text to a tokenizer without them as tokens."""
+    if choice != "auto" or getattr(tokenizer, "chat_template", None):
+        return None
+    missing = [t for t in ("<|im_start|>", "<|im_end|>")
+               if t not in tokenizer.get_vocab()]
+    return ("data.chat_template: auto, but the tokenizer has no chat template: training with "
+            "ChatML, which is saved with the adapter and merged model. "
+            + (f"{missing} are not tokens of this tokenizer, so they are trained as plain text "
+               "and EOS ends each answer. " if missing else "")
+            + "Set data.chat_template to the template your model will be served with "
+            f"(one of {sorted(NAMED)}, or Jinja text) to silence this.")
+
+
+# Keys of our canonical messages that are training instructions, not message fields: they are
+# not passed to the template. Everything else (tool_calls, name, ...) goes to it unchanged.
+TRAINING_KEYS = ("train", "loss_weight")
+
+
+def template_message(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in TRAINING_KEYS}
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool,
            tools: list[dict] | None = None) -> str:
     return tokenizer.apply_chat_template(
-        [{k: m[k] for k in TURN_KEYS if k in m} for m in messages], tools=tools,
-        chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+        [template_message(m) for m in messages], tools=tools, chat_template=template,
+        tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | None) -> None:
@@ -76,13 +98,36 @@ def check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | No
                          "has one, or data.chat_template: chatml)")
 
 
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    i = 0
+    while i < limit and a[-1 - i] == b[-1 - i]:
+        i += 1
+    return i
+
+
+# Stands in for an answer to locate where the template puts it; no template emits it itself.
+_PROBE = "\u2983probe\u2984"
+
+
 def assistant_spans(tokenizer, template: str, messages: list[dict],
                     tools: list[dict] | None = None) -> tuple[str, list[tuple]]:
-    """The full rendered text and, per assistant turn, (start, end, train) character spans.
+    """The full rendered text and, per assistant turn, (start, end, train) character spans: the
+    answer as the template renders it, and the end-of-turn marker the template closes the turn
+    with, which the model must learn to emit. Not the template's header before the answer, and
+    not what a template adds only when the conversation ends (Phi-3 appends EOS after the last
+    turn; inference never produces it because it stops at the end-of-turn marker).
 
-    A turn's span runs from the end of the prompt that precedes it (rendered with the generation
-    prompt) to the end of the rendering that includes it, less trailing whitespace: the answer
-    and the template's end-of-turn marker, which the model must learn to emit.
+    Templates need not render incrementally (Mistral puts the system prompt in front of the last
+    user message, so earlier text moves when a turn is added): each turn is located in the full
+    rendering by rendering it once more with the answer replaced by a probe string.
     """
     full = render(tokenizer, template, messages, add_generation_prompt=False, tools=tools)
     check_tools_rendered(full, messages, tools)
@@ -90,15 +135,78 @@ def assistant_spans(tokenizer, template: str, messages: list[dict],
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools)
-        upto = render(tokenizer, template, messages[: i + 1], add_generation_prompt=False,
-                      tools=tools)
-        if not full.startswith(upto) or not upto.startswith(before):
-            # E.g. templates that rewrite earlier turns once a later one exists (some drop the
-            # reasoning of past turns): the mask cannot be derived by prefixes.
-            raise ValueError("the chat template does not render conversations incrementally "
-                             "(a prefix changes when a turn is added), so answer masks cannot be "
-                             "derived; choose another data.chat_template")
-        end = len(upto.rstrip())
-        spans.append((len(before), end, m["train"]))
+        probed = messages[:i] + [dict(m, content=_PROBE)] + messages[i + 1:]
+        other = render(tokenizer, template, probed, add_generation_prompt=False, tools=tools)
+        start = _common_prefix(full, other)
+        end = len(full) - _common_suffix(full, other, min(len(full), len(other)) - start)
+        if _PROBE not in other or other.count(_PROBE) != 1 or \
+                other[start:start + len(_PROBE)] != _PROBE and m["content"]:
+            raise ValueError(f"the chat template does not render assistant turn {i}'s content "
+                             "once, as given, so its loss mask cannot be located; choose "
+                             "another data.chat_template")
+        turn_end = _turn_end(tokenizer, template, messages[: i + 1], tools)
+        if m.get("tool_calls"):
+            # The calls render after the content, and templates join them to it depending on
+            # whether there is content: the turn's text after the probe (calls and end-of-turn
+            # marker) ends where the rest of the conversation, rendered alike in both, begins.
+            rest = other[other.index(_PROBE) + len(_PROBE) + turn_end:]
+            if not full.endswith(rest):
+                raise ValueError(f"the chat template renders what follows assistant turn {i} "
+                                 "differently when the turn has content, so its loss mask "
+                                 "cannot be located; choose another data.chat_template")
+            spans.append((start, len(full) - len(rest), m["train"]))
+            continue
+        spans.append((start, end + turn_end, m["train"]))
     return full, spans
+
+
+def _turn_end(tokenizer, template: str, upto: list[dict], tools: list[dict] | None = None) -> int:
+    """Length of the end-of-turn marker after the last (assistant) message of `upto`: what the
+    template writes after the answer both when the conversation ends there and when a user turn
+    follows, less trailing whitespace."""
+    alone = render(tokenizer, template, upto[:-1] + [dict(upto[-1], content=_PROBE)], False,
+                   tools)
+    followed = render(tokenizer, template, upto[:-1] + [dict(upto[-1], content=_PROBE),
+                                                         {"role": "user", "content": _PROBE}],
+                      False, tools)
+    a = alone[alone.index(_PROBE) + len(_PROBE):]
+    b = followed[followed.index(_PROBE) + len(_PROBE):]
+    # Compared token by token: "<|end|>\n<|endoftext|>" and "<|end|>\n<|user|>" share the
+    # characters "<|" past the marker, but not the token.
+    ta = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
+    tb = tokenizer(b, add_special_tokens=False)["input_ids"]
+    k = _common_prefix(ta["input_ids"], tb)
+    return len(a[:ta["offset_mapping"][k - 1][1]].rstrip()) if k else 0
+
+
+def end_of_turn_tokens(tokenizer, template: str) -> list[str]:
+    """The special tokens the template closes an assistant turn with (e.g. ["<|eot_id|>"],
+    ["<|im_end|>"], ["</s>"]); [] when its marker is plain text or absent."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, spans = assistant_spans(tokenizer, template, [dict(m, train=True) for m in msgs])
+    except Exception:  # a template that needs other roles or shapes: nothing to learn here
+        return []
+    start, end, _ = spans[0]
+    marker = text[start:end].split("Hello", 1)[-1]
+    special = special_tokens(tokenizer)
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return [tokenizer.convert_ids_to_tokens(t) for t in ids if t in special]
+
+
+def special_tokens(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens, added ones included (<|im_end|>, <end_of_turn>)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return ids
+
+
+def starts_with_bos(tokenizer, template: str) -> bool:
+    """Whether conversations rendered by `template` begin with the tokenizer's BOS token."""
+    if tokenizer.bos_token is None:
+        return False
+    try:
+        text = render(tokenizer, template, [{"role": "user", "content": "Hi"}], True)
+    except Exception:
+        return False
+    return text.startswith(tokenizer.bos_token)
