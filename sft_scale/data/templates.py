@@ -135,6 +135,10 @@ def assistant_spans(tokenizer, template: str, messages: list[dict],
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if m.get("tool_calls"):
+            spans.append((*_tool_call_span(tokenizer, template, messages, i, tools, full),
+                          m["train"]))
+            continue
         probed = messages[:i] + [dict(m, content=_PROBE)] + messages[i + 1:]
         other = render(tokenizer, template, probed, add_generation_prompt=False, tools=tools)
         start = _common_prefix(full, other)
@@ -144,20 +148,26 @@ def assistant_spans(tokenizer, template: str, messages: list[dict],
             raise ValueError(f"the chat template does not render assistant turn {i}'s content "
                              "once, as given, so its loss mask cannot be located; choose "
                              "another data.chat_template")
-        turn_end = _turn_end(tokenizer, template, messages[: i + 1], tools)
-        if m.get("tool_calls"):
-            # The calls render after the content, and templates join them to it depending on
-            # whether there is content: the turn's text after the probe (calls and end-of-turn
-            # marker) ends where the rest of the conversation, rendered alike in both, begins.
-            rest = other[other.index(_PROBE) + len(_PROBE) + turn_end:]
-            if not full.endswith(rest):
-                raise ValueError(f"the chat template renders what follows assistant turn {i} "
-                                 "differently when the turn has content, so its loss mask "
-                                 "cannot be located; choose another data.chat_template")
-            spans.append((start, len(full) - len(rest), m["train"]))
-            continue
-        spans.append((start, end + turn_end, m["train"]))
+        spans.append((start, end + _turn_end(tokenizer, template, messages[: i + 1], tools),
+                      m["train"]))
     return full, spans
+
+
+def _tool_call_span(tokenizer, template, messages, i, tools, full) -> tuple[int, int]:
+    """Where assistant turn i, which calls tools, sits in `full`. Templates render a call their
+    own way, often instead of the content (Llama-3.1) or joined to it only when there is content
+    (Qwen2.5), so the probe replaces the whole turn: the turn starts where the renderings part,
+    and ends where the rest of the conversation, rendered alike in both, begins."""
+    plain = messages[:i] + [{"role": "assistant", "content": _PROBE}]
+    other = render(tokenizer, template, plain + messages[i + 1:], False, tools)
+    start = _common_prefix(full, other)
+    rest = other[other.index(_PROBE) + len(_PROBE) + _turn_end(tokenizer, template, plain, tools):] \
+        if other.count(_PROBE) == 1 else None
+    if rest is None or not full.endswith(rest) or len(full) - len(rest) <= start:
+        raise ValueError(f"the chat template does not render assistant turn {i} (a tool call) "
+                         "apart from the rest of the conversation, so its loss mask cannot be "
+                         "located; choose another data.chat_template")
+    return start, len(full) - len(rest)
 
 
 def _turn_end(tokenizer, template: str, upto: list[dict], tools: list[dict] | None = None) -> int:
