@@ -11,6 +11,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
+from jinja2.exceptions import TemplateError
+
 from sft_scale.config import Config, ConfigError, DatasetSource
 from sft_scale.data.formats import (MODALITY_COLUMNS, PROMPT_KEYS, detect_format,
                                     to_example, unused_columns)
@@ -174,7 +176,7 @@ def encode_dataset(ds, tokenizer, cfg: Config, labels: list[str] | None = None):
                                   d.train_on_inputs, d.truncation)
         except DataError:
             raise
-        except ValueError as e:  # the template cannot render this record (tools, prefixes)
+        except (ValueError, TemplateError) as e:  # the template cannot render this record
             raise DataError(f"{r[SOURCE_COLUMN]}: {e}") from None
     return ds.map(enc_causal, remove_columns=["example"], num_proc=_procs(cfg, ds),
                   desc="tokenize")

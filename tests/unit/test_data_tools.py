@@ -82,6 +82,24 @@ def test_llamafactory_function_call_and_observation_turns(tok, template):
     assert "get_weather" in runs(tok, enc, trained=False)[0]
 
 
+@pytest.mark.parametrize("family, call, end", [
+    ("llama", '{"name": "get_weather", "parameters": {"city": "%s"}}', "<|eot_id|>"),
+    ("qwen2", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>',
+     "<|im_end|>"),
+])
+def test_tool_calls_under_the_official_llama31_and_qwen25_templates(family, call, end):
+    from tests.families import load_tokenizer
+    ftok = load_tokenizer(family)
+    for path, city, answer in [("glaive_toolcall_sample.json", "Paris",
+                                "It is 18 degrees and clear in Paris."),
+                               ("openai_tools_sample.jsonl", "Oslo", "3 degrees in Oslo.")]:
+        rec = records(FIXTURES / path)[0]
+        ex = to_example(rec, "sharegpt" if path.endswith(".json") else "messages")
+        enc = encode_example(ftok, ex, 4096, ftok.chat_template)
+        # exactly the call and the answer, each with the template's end-of-turn token
+        assert runs(ftok, enc) == [call % city + end, answer + end]
+
+
 def test_openai_tool_calls_content_parts_and_loss_weight(tok):
     from sft_scale.data.templates import CHATML
     rec, plain = records(FIXTURES / "openai_tools_sample.jsonl")
