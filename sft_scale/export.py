@@ -73,7 +73,10 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             with init_empty_weights():
                 skeleton = AutoModelForCausalLM.from_config(model_config)
                 skeleton = wrap_lora(skeleton, cfg, resize_for_added_tokens(skeleton, cfg, False))
-            adapter_sd = get_peft_model_state_dict(skeleton, state_dict=state)
+            added = bool(cfg.model.add_tokens or cfg.model.add_special_tokens)
+            # Added tokens' rows are trainable tokens in the adapter, not whole embeddings.
+            adapter_sd = get_peft_model_state_dict(
+                skeleton, state_dict=state, save_embedding_layers=False if added else "auto")
             if not adapter_sd or any(v.numel() == 0 for v in adapter_sd.values()):
                 raise ConfigError(f"{ckpt}: holds no adapter weights (empty tensors)")
             save_file({k: v.contiguous() for k, v in adapter_sd.items()},

@@ -1,6 +1,6 @@
 """A tool-call chat (LLaMA-Factory's function_call/observation shape) trains with an added special
-token, and the adapter + tokenizer reload in a fresh process with plain transformers/peft to the
-logits training ended with."""
+token, and the adapter + tokenizer (as saved, and as exported from the last checkpoint) reload in
+a fresh process with plain transformers/peft to the logits training ended with."""
 
 import json
 import subprocess
@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
+from sft_scale.export import export
 from tests.conftest import ROOT, run_train, train_metrics
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -48,9 +50,16 @@ def test_tool_call_chat_with_an_added_token_trains_and_reloads(tmp_path):
     assert "training 1 added token rows in 2 matrices (peft trainable_token_indices)" \
         in proc.stdout + proc.stderr
     assert len(train_metrics(out)) == 4
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out / "adapter"),
-                           str(out / "probe.safetensors")], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["diff"] < 1e-4 and res["act"] == res["n"] - 1
+    # export rebuilds the adapter from the last checkpoint: the resized skeleton names the rows
+    exported = export(str(out), str(tmp_path / "export"))
+    a, b = load_file(str(out / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(exported / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("trainable_tokens" in k for k in a)
+    assert all((a[k] - b[k]).abs().max().item() == 0 for k in a)
+    for adapter in (out / "adapter", exported):
+        proc = subprocess.run([sys.executable, "-c", RELOAD, str(adapter),
+                               str(out / "probe.safetensors")], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert res["diff"] < 1e-4 and res["act"] == res["n"] - 1
