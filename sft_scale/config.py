@@ -27,6 +27,11 @@ class ModelConfig:
     # A local folder or a hub id; "builtin:tiny-llama" is the embedded demo model.
     name_or_path: str = "builtin:tiny-llama"
     tokenizer: Optional[str] = None  # defaults to name_or_path
+    # Tokens added to the tokenizer (e.g. tool-call tags) and added special tokens (never split,
+    # kept by decode unless skip_special_tokens). The embedding grows to fit; with LoRA only the
+    # new rows are trained and saved (peft trainable_token_indices), see README "Adding tokens".
+    add_tokens: list[str] = field(default_factory=list)
+    add_special_tokens: list[str] = field(default_factory=list)
     revision: Optional[str] = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
@@ -66,6 +71,18 @@ class DatasetSource:
     name: Optional[str] = None  # hub dataset config name
     weight: Optional[float] = None  # 2.0 repeats the source twice, 0.5 takes half
     count: Optional[int] = None  # exactly this many records (repeating if needed)
+    # .txt files: one record per line, per blank-line-separated paragraph, or per file.
+    sample_by: Literal["line", "paragraph", "document"] = "line"
+    # This source's field names where they differ from ours, {ours: theirs}; ours are messages,
+    # conversations, system, tools, instruction, input, output, history, prompt, completion,
+    # text, label. E.g. {messages: dialog, system: sys}.
+    columns: dict[str, str] = field(default_factory=dict)
+    role_key: Optional[str] = None  # the role field of a turn (default: role, or from for sharegpt)
+    content_key: Optional[str] = None  # the text field of a turn (default: content, or value)
+    # This source's role tags, {theirs: ours}, ours being system, user, assistant, tool (a tool
+    # result) and function_call (an assistant tool call written as JSON text). Added to the
+    # defaults (human/gpt/observation/function_call and the OpenAI role names).
+    roles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,8 +99,14 @@ class DataConfig:
     # "auto": the tokenizer's own template, else chatml. Or a name (chatml, llama3) or Jinja text.
     chat_template: str = "auto"
     train_on_inputs: bool = False
+    # At most the model's max_position_embeddings (refused before any weights load).
     max_seq_len: int = 512
-    truncation: Literal["truncate", "drop"] = "truncate"
+    # truncate: cut the end; drop: drop the example; proportional: cut the prompt (everything
+    # before the first trained token, its end kept) and the rest (its start kept) in proportion
+    # to their lengths, so a long prompt no longer leaves nothing to train.
+    truncation: Literal["truncate", "drop", "proportional"] = "truncate"
+    # Train the assistant's tool calls (they are model output); tool results are never trained.
+    train_tool_calls: bool = True
     # Padding-free: each micro-batch is one row of concatenated examples, position ids
     # restarting at 0 per example, attention never crossing examples; the same examples per
     # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
@@ -525,6 +548,12 @@ def _coerce(value: Any, tp, key: str):
             raise bad
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -17,6 +17,7 @@ from sft_scale.config import Config, ConfigError, config_from_dict
 from sft_scale.gguf_export import export_gguf
 from sft_scale.io_utils import atomic_dir
 from sft_scale.merge import check_output, merge
+from sft_scale.model import load_tokenizer
 
 
 def run_config(run_dir: Path) -> Config:
@@ -63,7 +64,9 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
         if ckpt is None:
             raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
     state = checkpoint_state_dict(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    # With model.add_tokens the adapter needs the tokenizer training used (same ids).
+    tokenizer = load_tokenizer(cfg) if cfg.model.add_tokens or cfg.model.add_special_tokens \
+        else AutoTokenizer.from_pretrained(base)
     model_config = AutoConfig.from_pretrained(base)
 
     with atomic_dir(out_path) as tmp:
@@ -71,11 +74,15 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             from peft import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            from sft_scale.model import wrap_lora
+            from sft_scale.model import resize_for_added_tokens, wrap_lora
             # The module structure is all PEFT needs to name the adapter's tensors: meta device.
             with init_empty_weights():
-                skeleton = wrap_lora(AutoModelForCausalLM.from_config(model_config), cfg)
-            adapter_sd = get_peft_model_state_dict(skeleton, state_dict=state)
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+                skeleton = wrap_lora(skeleton, cfg, resize_for_added_tokens(skeleton, cfg, False))
+            added = bool(cfg.model.add_tokens or cfg.model.add_special_tokens)
+            # Added tokens' rows are trainable tokens in the adapter, not whole embeddings.
+            adapter_sd = get_peft_model_state_dict(
+                skeleton, state_dict=state, save_embedding_layers=False if added else "auto")
             if not adapter_sd or any(v.numel() == 0 for v in adapter_sd.values()):
                 raise ConfigError(f"{ckpt}: holds no adapter weights (empty tensors)")
             save_file({k: v.contiguous() for k, v in adapter_sd.items()},

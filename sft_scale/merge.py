@@ -9,6 +9,7 @@ reloaded, so a failure leaves no half-written model.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -20,6 +21,8 @@ import torch
 from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError, MergeError
 from sft_scale.io_utils import atomic_dir
+from sft_scale.model import open_tokenizer
+from sft_scale.serving import copy_vocab_files, generation_eos, local_dir, serving_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,6 @@ def _classifier_head(adapter: Path, tokenizer) -> dict:
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp32",
           max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     adapter, out_path = Path(adapter_dir), Path(out)
     check_shard_size(max_shard_size)
@@ -164,13 +166,24 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
     check_disk(out_path, param_count(base_path) * DTYPES[dtype].itemsize)
 
     tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    tokenizer = open_tokenizer(str(tok_src))
+    # Saved as it was trained (chat template, BOS) and right-padded; a copy is padded left
+    # for the batched greedy checks below.
+    saved_tokenizer = serving_tokenizer(tokenizer, None, None)
+    tokenizer = copy.deepcopy(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     head = _classifier_head(adapter, tokenizer) if classifier else {}
     model = model_cls.from_pretrained(base_path, dtype=DTYPES[dtype], use_safetensors=True,
                                       **head)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        # Trained with model.add_tokens: the adapter holds every new row (trainable tokens), so
+        # their initial values here do not matter.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        log.info("merge: embedding resized from %d to %d rows for the adapter's added tokens",
+                 rows, len(tokenizer))
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:
@@ -198,10 +211,20 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
         log.warning("greedy generations differ between merged and base+adapter (near-tied "
                     "logits at %s precision); logits agree within tolerance", dtype)
 
+    merged.generation_config = _generation_config(adapter, merged.generation_config,
+                                                  saved_tokenizer)
+    report["generation_eos_token_id"] = merged.generation_config.eos_token_id
     with atomic_dir(out_path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.padding_side = "right"
-        tokenizer.save_pretrained(tmp)
+        _add_rope_theta(tmp / "config.json")
+        saved_tokenizer.save_pretrained(tmp)
+        # Unchanged from the adapter (which training gave the base's) or else the base.
+        report["tokenizer_files_copied"] = copy_vocab_files(adapter, tmp) + \
+            copy_vocab_files(local_dir(base_path), tmp)
+        report["tokenizer_matches_base"] = _same_tokenization(tmp, base_path)
+        if not report["tokenizer_matches_base"]:
+            raise MergeError(f"the tokenizer saved with the merged model tokenizes differently "
+                             f"from the base's ({base_path}); nothing was written")
         (tmp / "README.md").write_text(model_card(report, adapter))
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
         # Reload what was written (all shards) before it replaces anything.
@@ -211,6 +234,42 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
             raise MergeError("the saved merged model does not reload to the merged logits; "
                              "nothing was written")
     return report
+
+
+def _generation_config(adapter: Path, base_config, tokenizer):
+    """The adapter's generation config (training wrote it: EOS plus the chat template's end of
+    turn), else the base's with the end-of-turn token of the tokenizer's template added."""
+    from transformers import GenerationConfig
+
+    if (adapter / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(adapter)
+    gen = copy.deepcopy(base_config)
+    eos = generation_eos(gen.eos_token_id, tokenizer, tokenizer.chat_template)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    return gen
+
+
+def _add_rope_theta(config_json: Path) -> None:
+    """transformers 5 writes the RoPE base only inside `rope_parameters`; converters written
+    for the older layout (llama.cpp's among them) read a top-level `rope_theta`, and
+    transformers accepts both, so both are written."""
+    cfg = json.loads(config_json.read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in cfg:
+        cfg["rope_theta"] = theta
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+SAMPLE_TEXTS = ["Hello, my name is Ada.\n\nI  like   spaces\tand tabs.",
+                "Ünïcödé, 数字 12345 and code: def f(x): return x**2",
+                " leading space, trailing space "]
+
+
+def _same_tokenization(saved: Path, base: str) -> bool:
+    """Whether the saved tokenizer splits text into the same ids as the base's own."""
+    a, b = open_tokenizer(str(saved)), open_tokenizer(base)
+    return all(a(t, add_special_tokens=False)["input_ids"] == b(t, add_special_tokens=False)[
+        "input_ids"] for t in SAMPLE_TEXTS)
 
 
 def model_card(report: dict, adapter: Path) -> str:

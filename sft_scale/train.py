@@ -69,6 +69,9 @@ def run(cfg: Config) -> dict:
     from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
     from sft_scale.preflight import check_lora_fits, resolve_deepspeed
+    from sft_scale.builtin import resolve_model_path
+    from sft_scale.data.templates import resolve_template
+    from sft_scale.serving import for_training
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
@@ -152,6 +155,10 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.training.seed)
     model = load_model(cfg, accelerator.local_process_index, labels, problem,
                        tokenizer.pad_token_id)
+    serving = for_training(tokenizer, resolve_model_path(cfg.model.tokenizer
+                                                         or cfg.model.name_or_path),
+                           resolve_template(tokenizer, cfg.data.chat_template)
+                           if data_stats.chat else None, data_stats.bos)
     if cfg.training.torch_compile:
         compile_model(model)  # in place, before prepare: see compile_model
     trainable, total = count_parameters(model)
@@ -192,7 +199,7 @@ def run(cfg: Config) -> dict:
         value = res[cfg.eval.metric]
         if improved(cfg.eval.metric, value, st.best):
             st.best = {"step": st.step, "metric": cfg.eval.metric, "value": value}
-            guard("best adapter", outputs.save_model, accelerator, model, tokenizer, cfg, out_dir,
+            guard("best adapter", outputs.save_model, accelerator, model, serving, cfg, out_dir,
                   name="best_adapter")
         return res
     debug_sleep = float(os.environ.get("SFT_SCALE_DEBUG_STEP_SLEEP", "0"))  # tests: slow steps
@@ -231,7 +238,7 @@ def run(cfg: Config) -> dict:
     # 5. Save: adapter (or full model), tokenizer, probe logits, summary.
     accelerator.wait_for_everyone()
     guard("final adapter" if cfg.lora.enabled else "final model", outputs.save_model,
-          accelerator, model, tokenizer, cfg, out_dir)
+          accelerator, model, serving, cfg, out_dir)
     guard("probe logits", outputs.save_probe, accelerator, model, train_ds,
           tokenizer.pad_token_id, out_dir)
     elapsed = time.time() - started

@@ -95,7 +95,10 @@ def test_global_batch(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "classification.yaml",
-                                  "llama3_8b_lora_8bit_zero2.yaml"])
+                                  "llama3_8b_lora_8bit_zero2.yaml",
+                                  "llama3.1_8b_instruct_chat.yaml",
+                                  "mistral_7b_instruct_chat.yaml",
+                                  "qwen2.5_7b_instruct_chat.yaml"])
 def test_shipped_example_configs_are_valid(name):
     from tests.conftest import ROOT
     cfg = load_config(ROOT / "examples" / name)
