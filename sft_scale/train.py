@@ -77,6 +77,10 @@ def run(cfg: Config) -> dict:
     preemption = Preemption().install()  # early: a signal during loading must not kill us
     ds_config = resolve_deepspeed(cfg)
     check_optimizer(cfg)
+    mc = model_config(cfg)
+    # Before the accelerator: under ZeRO-3 it makes transformers build every model (even the
+    # meta-device one this check uses) through deepspeed.zero.Init, which fails on meta tensors.
+    check_lora_fits(cfg, mc)  # target modules and rank against the model, before its weights
     accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
@@ -85,9 +89,7 @@ def run(cfg: Config) -> dict:
     out_dir = Path(cfg.output.dir)
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
     # What auto means here (attention, loss) and whether each switch can work, before any weights.
-    mc = model_config(cfg)
     fast = resolve_fast_paths(cfg, stage, mc)
-    check_lora_fits(cfg, mc)  # target modules and rank against the model, before its weights
     identity = ckpt.run_identity(cfg, world, stage)
 
     # 1. Is there anything to do, and from where?
