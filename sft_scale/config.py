@@ -91,6 +91,9 @@ class DataConfig:
     packing: Union[bool, Literal["auto"]] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
+    # Tokenized data written by `sft-scale data prepare` (relative: to the config file's folder).
+    # Unset: OUTPUT_DIR/prepared_data when that exists, else the job tokenizes at start-up.
+    prepared_dir: Optional[str] = None
     # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
     num_workers: int = 0
     pin_memory: bool = True  # pinned host batches for faster host->GPU copies; ignored on CPU
@@ -405,6 +408,8 @@ def _resolve_paths(cfg: Config) -> None:
             src.path = str((base / src.path).resolve())
     if cfg.distributed.deepspeed_config:
         cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
+    if cfg.data.prepared_dir:
+        cfg.data.prepared_dir = res(cfg.data.prepared_dir)
 
 
 def validate(cfg: Config, src: str = "<config>") -> None:

@@ -57,7 +57,7 @@ def run(cfg: Config) -> dict:
 
     from sft_scale import checkpoint as ckpt
     from sft_scale import outputs
-    from sft_scale.data import GlobalBatchSampler, build_datasets
+    from sft_scale.data import GlobalBatchSampler
     from sft_scale.distributed import describe, make_accelerator
     from sft_scale.eval_loop import evaluate, improved
     from sft_scale.metrics import plot_losses
@@ -101,8 +101,7 @@ def run(cfg: Config) -> dict:
 
     # 2. Data, validated before anything is written.
     tokenizer = load_tokenizer(cfg)
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
-        train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
+    train_ds, eval_ds, data_stats = load_data(cfg, tokenizer, accelerator)
     steps = total_steps(cfg, len(train_ds), world)
     labels = data_stats.labels
     if cfg.task == "classification":
@@ -237,6 +236,21 @@ def run(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def load_data(cfg: Config, tokenizer, accelerator):
+    """(train, eval or None, stats): the prepared data (`sft-scale data prepare`) when there is
+    some, loaded by every rank with no tokenization; else tokenized here, rank 0 first while
+    the others wait, then from its datasets cache."""
+    from sft_scale.data import build_datasets
+    from sft_scale.data.prepared import find_prepared, load_prepared
+
+    path = find_prepared(cfg)
+    if path is None:
+        with accelerator.main_process_first():
+            return build_datasets(cfg, tokenizer)
+    log.info("data: prepared data from %s (fingerprint matches; nothing tokenized)", path)
+    return load_prepared(path, cfg, tokenizer)
 
 
 def _finish_attempt(outputs, out_dir: Path, attempt: dict, status: str) -> None:
