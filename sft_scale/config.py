@@ -140,6 +140,10 @@ class CheckpointConfig:
     keep_last: int = 2
     # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
     resume: str = "auto"
+    # A DeepSpeed checkpoint resumed by a different number of processes (same global batch):
+    # convert it once to DeepSpeed's universal format and load that (the checkpoint itself is
+    # untouched), or refuse. See sft_scale/checkpoint.py: to_universal.
+    resume_world_size_change: Literal["convert", "refuse"] = "convert"
 
 
 @dataclass
