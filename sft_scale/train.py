@@ -72,7 +72,7 @@ def run(cfg: Config) -> dict:
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
-    ds_config = resolve_deepspeed(cfg)
+    ds_config = resolve_deepspeed(cfg, in_job=True)
     accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
@@ -150,7 +150,8 @@ def run(cfg: Config) -> dict:
     ckpt.keep_trainable_only(accelerator, model)
     state = LoopState()
     if resume_from is not None:
-        ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity)
+        ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity,
+                             cfg.checkpoint.resume_world_size_change)
 
     # 4. The loop; checkpoints on schedule and on preemption.
     grouped = fast["group_by_length"]
