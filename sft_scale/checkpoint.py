@@ -290,7 +290,8 @@ def load_checkpoint(accelerator, path: Path, scheduler, state, identity: dict,
 
 # The manual route, should the automatic conversion fail (or be refused).
 MANUAL_UNIVERSAL = ("manually: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-                    "{path}/pytorch_model --output_folder {path}/universal/pytorch_model, then "
+                    "{path}/pytorch_model --output_folder {path}/universal/pytorch_model "
+                    "--inject_missing_state, then "
                     "resume with checkpoint.resume_world_size_change=convert, which loads it with "
                     "DeepSpeed's checkpoint.load_universal")
 UNIVERSAL = "universal"
@@ -320,7 +321,9 @@ def to_universal(accelerator, path: Path) -> Path:
                 input_folder=str(Path(path) / "pytorch_model"),
                 output_folder=str(tmp / "pytorch_model"), num_extract_workers=1,
                 num_merge_workers=1, keep_temp_folder=False, strict=True,
-                inject_missing_state=False))
+                # Only Megatron-style clients record universal_checkpoint_info; DeepSpeed's
+                # converter adds the version stamp for everyone else with this flag.
+                inject_missing_state=True))
             atomic_write_json(tmp / MARKER, {"from": str(path)})
             os.rename(tmp, out)
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, not hang
