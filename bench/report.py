@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench import methods as M
 from bench.data import length_summary
+from bench.rounds import markdown as interleaved_markdown
 from bench.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,8 @@ def _ratio(a, b):
 
 def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict,
           reps: int, command: str, machine: dict, machine_after: dict, total_s: float,
-          quick: bool = False, isolation: str = "method") -> dict:
+          quick: bool = False, isolation: str = "method", rounds: list[dict] | None = None,
+          previous: dict | None = None) -> dict:
     agg = aggregate(results)
     machine = dict(machine, torch_threads=next(
         (r["torch_threads"] for rs in results.values() for r in rs if r.get("torch_threads")),
@@ -141,13 +143,13 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
           "are the point. Re-run the command below on a quiet machine.\n")
     w("## Command\n")
     w("```bash\n.venv/bin/" + command.replace("python -m", "python -m", 1) + "\n```\n")
-    iso = {"method": "one fresh process per method, its reps run one after another inside it, "
-                     "each rep rebuilding model, LoRA, optimizer, trainer and data, the peak-RSS "
-                     "high-water mark reset before each rep",
+    iso = {"method": "interleaved rounds: in each round every method runs once in its own "
+                     "fresh process (sft_scale's grouped switches share one), in a rotated order",
            "rep": "one fresh process per method and rep; sft_scale through its CLI",
            "none": "every method in one process (smoke test: peak RSS is not per method)"}
     w(f"Total time: {total_s / 60:.1f} min for {sum(len(v) for v in results.values())} runs, "
-      f"{reps} rep(s) per method; isolation: {iso.get(isolation, isolation)}.\n")
+      f"{reps} {'round' if rounds else 'rep'}(s) per method; isolation: "
+      f"{iso.get(isolation, isolation)}.\n")
     w("## Machine\n")
     v = machine["versions"]
     w(f"- CPU: {machine['cpu']}, {machine['cores']} cores (torch threads: "
@@ -253,6 +255,7 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
         for n in diags:
             w(row(n))
         w("")
+    L.extend(interleaved_markdown(results, methods, rounds or [], previous))
     w("Method definitions:\n")
     for mm in methods:
         w(f"- **{mm.name}**: {mm.about}")
@@ -447,6 +450,6 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
         w("")
     data = {"spec": asdict(spec), "machine": machine, "machine_after": machine_after,
             "command": command, "reps": reps, "total_s": total_s, "isolation": isolation,
-            "quick": quick, "aggregate": agg, "runs": results,
+            "quick": quick, "aggregate": agg, "runs": results, "rounds": rounds or [],
             "methods": [asdict(mm) for mm in methods], "lengths": lengths}
     return {"markdown": "\n".join(L) + "\n", "data": data}

@@ -1,6 +1,9 @@
-"""The one command: every method x reps, each in a fresh process; medians, ratios, markdown.
+"""The one command: every method in interleaved rounds, each run in a fresh process; per-round
+ratios, the physical limit, markdown.
 
     .venv/bin/python -m bench.run --reps 3 --out docs/BENCHMARKS.md
+    .venv/bin/python -m bench.run --reps 3 --compare docs/BENCHMARKS.json --out docs/BENCHMARKS-2.md
+    .venv/bin/python -m bench.run --summary [--from-json docs/BENCHMARKS.json]
     .venv/bin/python -m bench.run --quick --out /tmp/bench.md
     .venv/bin/python -m bench.run --list
 """
@@ -26,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=None, help="repetitions per method (default 3; "
-                    "--quick: 1)")
+    ap.add_argument("--reps", "--rounds", dest="reps", type=int, default=None,
+                    help="rounds (default 3; --quick: 1). With --isolation method (the default) "
+                    "every round runs each method once, in a rotated order, and measures the "
+                    "physical limit; ratios are taken within a round")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default "
                     "5, the first not timed; --quick: 2)")
     ap.add_argument("--quick", action="store_true", help="tiny model, short rows, 1 rep, 2 steps: "
@@ -56,6 +61,13 @@ def parse_args(argv=None):
                     "each sft_scale switch its own process too (cleaner peak RSS, ~10 s of imports "
                     "more per switch)")
     ap.add_argument("--list", action="store_true", help="list the methods and exit")
+    ap.add_argument("--summary", action="store_true", help="no training: print one line of the "
+                    "key per-round ratios of a results JSON (--from-json, default "
+                    "docs/BENCHMARKS.json)")
+    ap.add_argument("--compare", default=None, metavar="JSON", help="an earlier run's results "
+                    "JSON: the report says whether this run's ratios land inside its spread")
+    ap.add_argument("--no-limit", action="store_true", help="skip measuring the physical limit "
+                    "(bench/flops.py) at the start of each round")
     ap.add_argument("--from-json", default=None, metavar="JSON", help="no training: write the "
                     "markdown again (to --out) from the results JSON of an earlier run, e.g. "
                     "after a change to bench/report.py")
@@ -197,8 +209,14 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     args = parse_args(argv)
+    if args.summary:
+        from bench.rounds import summary_line
+        path = Path(args.from_json or ROOT / "docs" / "BENCHMARKS.json")
+        print(summary_line(json.loads(path.read_text())))
+        return 0
     if args.from_json:
-        return rerender(Path(args.from_json), Path(args.out) if args.out else None)
+        return rerender(Path(args.from_json), Path(args.out) if args.out else None,
+                        Path(args.compare) if args.compare else None)
     spec = quick_spec(args.steps) if args.quick else default_spec(args.steps)
     reps = args.reps or (1 if args.quick else 3)
     isolation = args.isolation or ("none" if args.quick else "method")
@@ -262,6 +280,7 @@ def main(argv=None) -> int:
               f"{spec.real_tokens:,} tokens", flush=True)
 
     results: dict[str, list[dict]] = {m.name: [] for m in methods}
+    rounds: list[dict] = []
 
     def record(rs: list[dict]) -> None:
         for r in sorted(rs, key=lambda r: r["rep"]):
@@ -281,8 +300,8 @@ def main(argv=None) -> int:
         groups: dict[str, list[M.Method]] = {}
         for m in runnable:
             groups.setdefault(m.name if args.no_group else (m.group or m.name), []).append(m)
-        for g, ms in groups.items():
-            record(run_group(ms, reps, 0, spec_path, work / _safe(g), args.timeout))
+        for rnd in range(reps):
+            rounds.append(run_round(rnd, groups, spec_path, work, args, threads, record))
     else:  # rep: a fresh process per method and rep; sft_scale through its CLI
         for rep in range(reps):
             for m in runnable:
@@ -294,7 +313,8 @@ def main(argv=None) -> int:
         argv if argv is not None else sys.argv[1:])
     doc = report.build(spec, lengths, methods, results, reps=reps, command=command,
                        machine=machine_before, machine_after=report.machine_info(),
-                       total_s=time.time() - t_start, quick=args.quick, isolation=isolation)
+                       total_s=time.time() - t_start, quick=args.quick, isolation=isolation,
+                       rounds=rounds, previous=_load(args.compare))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +332,7 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def rerender(json_path: Path, out: Path | None) -> int:
+def rerender(json_path: Path, out: Path | None, compare: Path | None = None) -> int:
     from bench import report
 
     d = json.loads(json_path.read_text())
@@ -323,12 +343,43 @@ def rerender(json_path: Path, out: Path | None) -> int:
     doc = report.build(spec, d["lengths"], methods, d["runs"], reps=d["reps"],
                        command=d["command"], machine=d["machine"],
                        machine_after=d["machine_after"], total_s=total,
-                       quick=d.get("quick", False), isolation=d.get("isolation", "method"))
+                       quick=d.get("quick", False), isolation=d.get("isolation", "method"),
+                       rounds=d.get("rounds") or [], previous=_load(compare))
     out = out or json_path.with_suffix(".md")
     out.write_text(doc["markdown"])
     json_path.write_text(json.dumps(doc["data"], indent=1, default=float))
     print(f"bench: wrote {out} from {json_path}")
     return 0
+
+
+def _load(path) -> dict | None:
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def run_round(rnd: int, groups: dict[str, list[M.Method]], spec_path: Path, work: Path, args,
+              threads: int | None, record) -> dict:
+    """One round: the physical limit first, then every group once, in this round's order."""
+    from bench.rounds import round_order
+
+    info = {"round": rnd, "loadavg_start": os.getloadavg()[0], "started": time.time()}
+    if not args.no_limit:
+        d = work / f"limit-round{rnd}"
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bench.flops", str(spec_path), str(d / "limit.json"),
+               "--threads", str(threads or 1)]
+        proc = run_child(cmd, child_env(d), d / "log.txt", args.timeout)
+        info["limit"] = json.loads((d / "limit.json").read_text()) \
+            if proc["returncode"] == 0 else None
+        if info["limit"]:
+            print(f"[round {rnd + 1}] physical limit {info['limit']['limit_tokens_per_s']:,.0f} "
+                  f"tok/s (peak GEMM {info['limit']['peak_gflops']:.1f} GFLOP/s)", flush=True)
+    order = round_order(list(groups), rnd)
+    info["order"] = order
+    for g in order:
+        record(run_group(groups[g], 1, rnd, spec_path, work / f"{_safe(g)}-round{rnd}",
+                         args.timeout))
+    info.update(loadavg_end=os.getloadavg()[0], ended=time.time())
+    return info
 
 
 def _safe(name: str) -> str:

@@ -65,3 +65,30 @@ def test_gpu_check_dry_run_runs_every_method_on_cpu(tmp_path, sft_scale_home):
         assert r["ok"], (r["method"], r.get("error"))
         assert r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"]), r["method"]
     assert "sft_scale_8bit" in (out / "gpu_check.md").read_text()
+
+
+def test_bench_interleaved_rounds_report_per_round_ratios_and_the_limit(tmp_path, sft_scale_home):
+    """Two rounds of two methods, each run in its own process in a rotated order, with the
+    physical limit measured per round; --summary reads the JSON back. No number is asserted
+    beyond being measured: this is the harness, not a measurement."""
+    out = tmp_path / "BENCH.md"
+    env = dict(os.environ, SFT_SCALE_BENCH_CACHE=str(tmp_path / "cache"),
+               SFT_SCALE_HOME=str(sft_scale_home))
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--isolation", "method", "--rounds", "2",
+           "--methods", "bare_step,sft_scale", "--out", str(out), "--work", str(tmp_path / "w")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    rounds = data["rounds"]
+    assert [r["order"] for r in rounds] == [["bare_step", "sft_scale"], ["sft_scale", "bare_step"]]
+    for r in rounds:
+        assert r["limit"]["limit_tokens_per_s"] > 0 and 0 < r["limit"]["limit_mfu"] <= 1
+    assert sorted(x["rep"] for x in data["runs"]["sft_scale"]) == [0, 1]
+    md = out.read_text()
+    assert "## Interleaved rounds" in md and "CPU MFU" in md
+    summary = subprocess.run([sys.executable, "-m", "bench.run", "--summary", "--from-json",
+                              str(out.with_suffix(".json"))], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    line = summary.stdout.strip()
+    assert "\n" not in line and "sft_scale / bare_step" in line and "CPU MFU" in line

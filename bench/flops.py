@@ -1,0 +1,193 @@
+"""The physical limit of this machine for the bench's training job: the FLOPs a LoRA step must
+do, counted exactly for the bench model and data, divided by the GEMM throughput this CPU reaches
+at the model's own matrix shapes (measured in the same run, fp32, the bench's thread count).
+
+    python -m bench.flops SPEC.json OUT.json [--threads 1]
+
+What a LoRA step must compute, per layer and per real token (T tokens in the epoch):
+- frozen linear W (d_in x d_out): forward 2 d_in d_out; backward only the input gradient,
+  2 d_in d_out (no weight gradient). In the first layer the input of q/k/v (the normed
+  embeddings) depends on no trainable parameter, so autograd computes no input gradient there.
+- LoRA A (d_in x r), B (r x d_out): forward 2 r (d_in + d_out); backward weight gradients
+  2 r (d_in + d_out), input gradients 2 r d_out (into A's output) + 2 r d_in (into x, not in
+  the first layer's q/k/v).
+- attention, per example of length L and layer: causal score pairs P = L (L + 1) / 2; forward
+  QK^T and AV 2 x 2 h P; backward dQ, dK, dV, dP 4 x 2 h P: 12 h P in all (h = hidden size).
+- LM head (frozen, h x V): forward and input gradient 2 x 2 h V, only at positions whose next
+  token is trained (the loss needs no other logits).
+Not counted (stated, a few percent at most on this model): embeddings lookups, norms, RoPE,
+SiLU, softmax, the loss's exp/log, the optimizer on the LoRA parameters.
+
+Each term's time is its FLOPs divided by the best throughput measured for its GEMM shape (rows =
+the mean real tokens of a micro-batch); the sum is the least time any trainer can take on this
+machine, and `limit_tokens_per_s` = T / that time. `peak_gflops` is the best throughput at any
+of the model's shapes: MFU = model FLOPs per token x tokens/s / peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.spec import Spec
+
+
+@dataclass
+class Term:
+    name: str
+    flops: float  # over the whole epoch
+    shape: tuple  # (m, k, n) of torch.mm, or (batch, m, k, n) of torch.bmm
+
+
+@dataclass
+class Workload:
+    terms: list[Term] = field(default_factory=list)
+    real_tokens: int = 0
+    trained_tokens: int = 0
+
+    def add(self, name: str, flops: float, shape: tuple) -> None:
+        self.terms.append(Term(name, float(flops), tuple(int(x) for x in shape)))
+
+    @property
+    def flops(self) -> float:
+        return sum(t.flops for t in self.terms)
+
+
+def lora_step_workload(model: dict, lengths: list[int], trained: list[int], lora_r: int,
+                       micro_batches: int, attention: bool = True) -> Workload:
+    """The FLOPs of one epoch of LoRA (all-linear) training over examples of `lengths` tokens,
+    `trained[i]` of which are loss positions, for a Llama-shaped `model` config dict."""
+    h, inter = model["hidden_size"], model["intermediate_size"]
+    layers, vocab = model["num_hidden_layers"], model["vocab_size"]
+    heads = model["num_attention_heads"]
+    kv = model.get("num_key_value_heads") or heads
+    hd = h // heads
+    T, Tt = sum(lengths), sum(trained)
+    M = max(1, round(T / micro_batches))  # rows of a micro-batch's GEMMs (packed, no padding)
+    Mt = max(1, round(Tt / micro_batches))
+    r = lora_r
+    linears = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
+               "o_proj": (heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter),
+               "down_proj": (inter, h)}
+    # In layer 0 these read the normed (frozen) embeddings: no input gradient is needed.
+    first_layer_inputs = {"q_proj", "k_proj", "v_proj"}
+    w = Workload(real_tokens=T, trained_tokens=Tt)
+    for layer in range(layers):
+        for name, (din, dout) in linears.items():
+            needs_input_grad = layer > 0 or name not in first_layer_inputs
+            w.add("frozen forward", 2 * T * din * dout, (M, din, dout))
+            if needs_input_grad:
+                w.add("frozen input grad", 2 * T * din * dout, (M, dout, din))
+            w.add("lora forward", 2 * T * din * r, (M, din, r))
+            w.add("lora forward", 2 * T * r * dout, (M, r, dout))
+            w.add("lora weight grad", 2 * T * din * r, (din, M, r))
+            w.add("lora weight grad", 2 * T * r * dout, (r, M, dout))
+            w.add("lora input grad", 2 * T * dout * r, (M, dout, r))
+            if needs_input_grad:
+                w.add("lora input grad", 2 * T * r * din, (M, r, din))
+        if attention:
+            mean_len = max(1, round(sum(lengths) / len(lengths)))
+            pairs = sum(L * (L + 1) // 2 for L in lengths)
+            w.add("attention", 12 * h * pairs, (heads, mean_len, hd, mean_len))
+    w.add("lm head forward", 2 * Tt * h * vocab, (Mt, h, vocab))
+    w.add("lm head input grad", 2 * Tt * h * vocab, (Mt, vocab, h))
+    return w
+
+
+def measure_throughput(shapes: list[tuple], threads: int, min_time: float = 0.05,
+                       reps: int = 5) -> dict[tuple, float]:
+    """Best FLOP/s of torch.mm / torch.bmm at each shape (fp32, `threads` threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for shape in shapes:
+        if len(shape) == 3:
+            m, k, n = shape
+            a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+            fn, flops = (lambda a=a, b=b: torch.mm(a, b)), 2 * m * k * n
+        else:
+            bt, m, k, n = shape
+            a, b = torch.randn(bt, m, k, generator=gen), torch.randn(bt, k, n, generator=gen)
+            fn, flops = (lambda a=a, b=b: torch.bmm(a, b)), 2 * bt * m * k * n
+        fn()
+        t0 = time.perf_counter()
+        calls = 0
+        while time.perf_counter() - t0 < min_time / 5 or calls < 2:
+            fn()
+            calls += 1
+        inner = max(1, int(calls * 5 * min_time / max(time.perf_counter() - t0, 1e-9) / 5))
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / inner)
+        out[shape] = flops / best
+    return out
+
+
+def physical_limit(w: Workload, throughput: dict[tuple, float]) -> dict:
+    by_name: dict[str, dict] = {}
+    total_s = 0.0
+    for t in w.terms:
+        s = t.flops / throughput[t.shape]
+        total_s += s
+        d = by_name.setdefault(t.name, {"flops": 0.0, "seconds": 0.0})
+        d["flops"] += t.flops
+        d["seconds"] += s
+    peak = max(throughput.values())
+    return {"flops": w.flops, "flops_per_token": w.flops / w.real_tokens,
+            "real_tokens": w.real_tokens, "trained_tokens": w.trained_tokens,
+            "limit_seconds": total_s, "limit_tokens_per_s": w.real_tokens / total_s,
+            "peak_gflops": peak / 1e9,
+            "limit_mfu": w.flops / total_s / peak,  # the limit itself, as MFU
+            "terms": {k: {"gflops": v["flops"] / 1e9, "seconds": v["seconds"],
+                          "gflop_per_s": v["flops"] / v["seconds"] / 1e9}
+                      for k, v in by_name.items()},
+            "throughput_gflops": {"x".join(map(str, s)): f / 1e9
+                                  for s, f in sorted(throughput.items())}}
+
+
+def workload_for(spec: Spec) -> Workload:
+    """The bench job's workload: its model config and the exact tokens of its data file."""
+    from bench.data import encode, load_tokenizer
+
+    model = json.loads((Path(spec.model_dir) / "config.json").read_text())
+    tok = load_tokenizer(spec.model_dir)
+    lengths, trained = [], []
+    for line in Path(spec.data_file).read_text().splitlines():
+        if line.strip():
+            enc = encode(tok, json.loads(line))
+            lengths.append(len(enc["input_ids"]))
+            # a label at position i is predicted from position i-1: one logit per trained token
+            trained.append(sum(1 for x in enc["labels"] if x != -100))
+    micro = spec.train.steps * spec.train.gradient_accumulation_steps
+    return lora_step_workload(model, lengths, trained, spec.train.lora_r, micro)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.flops", description=__doc__.split("\n")[0])
+    ap.add_argument("spec")
+    ap.add_argument("out")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    spec = Spec.load(Path(args.spec))
+    w = workload_for(spec)
+    shapes = sorted({t.shape for t in w.terms})
+    t0 = time.time()
+    res = physical_limit(w, measure_throughput(shapes, args.threads))
+    res.update(threads=args.threads, measure_s=time.time() - t0)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"limit {res['limit_tokens_per_s']:.0f} tok/s, peak {res['peak_gflops']:.1f} GFLOP/s, "
+          f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

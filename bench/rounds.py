@@ -1,0 +1,174 @@
+"""Interleaved rounds: every method once per round, in a rotated order, so slow drift of the
+machine (other tenants, thermal state, the host's frequency) lands on every method alike. A ratio
+is computed inside each round (both runs minutes apart at most) and reported as the median of the
+per-round ratios with its min-max spread; a second run agrees with the first when its median lies
+inside the first run's spread."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from bench import methods as M
+
+TRL_PEERS = ("trl_defaults", "trl_packing", "trl_padding_free")
+
+
+def round_order(names: list[str], rnd: int) -> list[str]:
+    """Round 0: A B C D; round 1: B C D A; ...: each method takes every position in turn."""
+    if not names:
+        return []
+    k = rnd % len(names)
+    return names[k:] + names[:k]
+
+
+def per_round(results: dict[str, list[dict]], name: str, key: str = "tokens_per_s") -> dict:
+    return {r["rep"]: r[key] for r in results.get(name, [])
+            if r.get("ok") and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])}
+
+
+def stats(xs: list[float]) -> dict | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "values": xs}
+
+
+def ratio_per_round(results: dict, num: str, den: str) -> dict | None:
+    a, b = per_round(results, num), per_round(results, den)
+    return stats([a[r] / b[r] for r in sorted(set(a) & set(b)) if b[r]])
+
+
+def limit_fraction(results: dict, name: str, rounds: list[dict]) -> dict | None:
+    """tokens/s of `name` / the physical limit measured in the same round."""
+    a = per_round(results, name)
+    lim = {r["round"]: r["limit"]["limit_tokens_per_s"] for r in rounds if r.get("limit")}
+    return stats([a[r] / lim[r] for r in sorted(set(a) & set(lim))])
+
+
+def mfu(results: dict, name: str, rounds: list[dict]) -> dict | None:
+    """Model FLOPs per token x tokens/s / the best GEMM throughput measured in the same round."""
+    a = per_round(results, name)
+    lim = {r["round"]: r["limit"] for r in rounds if r.get("limit")}
+    return stats([a[r] * lim[r]["flops_per_token"] / (lim[r]["peak_gflops"] * 1e9)
+                  for r in sorted(set(a) & set(lim))])
+
+
+def best_trl(results: dict) -> str | None:
+    meds = {n: statistics.median(per_round(results, n).values())
+            for n in TRL_PEERS if per_round(results, n)}
+    return max(meds, key=meds.get) if meds else None
+
+
+def key_ratios(results: dict, rounds: list[dict]) -> dict[str, dict | None]:
+    """The ratios the goals are judged on, each a per-round distribution."""
+    out = {}
+    best = best_trl(results)
+    if best:
+        out[f"sft_scale / TRL's best ({best})"] = ratio_per_round(results, "sft_scale", best)
+    out["sft_scale / trl_defaults (fp32)"] = ratio_per_round(results, "sft_scale", "trl_defaults")
+    out["sft_scale / bare_step"] = ratio_per_round(results, "sft_scale", M.CEILING)
+    out["sft_scale / transformers_trainer"] = ratio_per_round(results, "sft_scale", M.BASELINE)
+    out["sft_scale / physical limit"] = limit_fraction(results, "sft_scale", rounds)
+    out["sft_scale CPU MFU"] = mfu(results, "sft_scale", rounds)
+    return out
+
+
+def fmt(s: dict | None, pct: bool = False) -> str:
+    if not s:
+        return "–"
+    f = (lambda x: f"{x:.0%}") if pct else (lambda x: f"{x:.2f}x")
+    return f"{f(s['median'])} [{f(s['min'])}–{f(s['max'])}]"
+
+
+def summary_line(data: dict) -> str:
+    """One line of the key ratios (python -m bench.run --summary)."""
+    runs, rounds = data["runs"], data.get("rounds") or []
+    parts = []
+    for label, s in key_ratios(runs, rounds).items():
+        if s:
+            pct = "limit" in label or "MFU" in label
+            parts.append(f"{label}: {fmt(s, pct)}")
+    n = max((len(per_round(runs, "sft_scale")),), default=0)
+    return (f"bench ({n} interleaved rounds, median [min-max] of per-round ratios; "
+            f"{data['machine'].get('date', '?')}): " + "; ".join(parts))
+
+
+def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
+             previous: dict | None) -> list[str]:
+    L = []
+    w = L.append
+    if not rounds:
+        return L
+    w("## Interleaved rounds: per-round ratios and the physical limit\n")
+    w(f"{len(rounds)} rounds; in each, every method ran once in its own fresh process, in a "
+      "rotated order (each method takes every position in turn), and the physical limit was "
+      "measured at the start of the round (`bench/flops.py`). Each ratio is computed within "
+      "a round and reported as the **median [min–max] over rounds**.\n")
+    lim0 = next((r["limit"] for r in rounds if r.get("limit")), None)
+    if lim0:
+        w(f"**The physical limit.** The bench's LoRA epoch must do "
+          f"{lim0['flops'] / 1e9:,.1f} GFLOP ({lim0['flops_per_token'] / 1e6:.1f} MFLOP per "
+          f"real token, {lim0['real_tokens']:,} real tokens, {lim0['trained_tokens']:,} "
+          "trained), counted exactly for the bench model (`bench/flops.py` states the formula: "
+          "frozen forward + input gradients, LoRA forward/backward, causal attention pairs, "
+          "the LM head at trained positions only). Each term at the GEMM throughput this CPU "
+          f"reaches at that term's own shape ({lim0['threads']} thread(s), fp32, best of "
+          "several timings) gives the least time any trainer can take.\n")
+        w("| term | GFLOP | GFLOP/s at its shapes | seconds at the limit |\n|---|---|---|---|")
+        for k, v in lim0["terms"].items():
+            w(f"| {k} | {v['gflops']:,.3g} | {v['gflop_per_s']:.1f} | {v['seconds']:.3g} |")
+        w("")
+    w("| round | order | load avg start → end | limit tok/s | peak GEMM GFLOP/s |")
+    w("|---|---|---|---|---|")
+    for r in rounds:
+        lim = r.get("limit") or {}
+        w(f"| {r['round'] + 1} | {' → '.join(r['order'])} | {r['loadavg_start']:.2f} → "
+          f"{r['loadavg_end']:.2f} | {lim.get('limit_tokens_per_s', float('nan')):,.0f} | "
+          f"{lim.get('peak_gflops', float('nan')):.1f} |")
+    w("")
+    w("Every method against the limit of its own round: **of limit** = tok/s / limit tok/s; "
+      "**CPU MFU** = model FLOPs per token x tok/s / peak GEMM FLOP/s; **vs ceiling** = "
+      "tok/s / bare_step's tok/s in the same round.\n")
+    w("| method | tok/s per round | of limit | CPU MFU | vs ceiling | vs baseline |")
+    w("|---|---|---|---|---|---|")
+    for m in methods:
+        pr = per_round(results, m.name)
+        if not pr or m.name == "bare_bf16":
+            continue
+        vals = " / ".join(f"{pr[k]:,.0f}" for k in sorted(pr))
+        w(f"| {m.name} | {vals} | {fmt(limit_fraction(results, m.name, rounds), True)} | "
+          f"{fmt(mfu(results, m.name, rounds), True)} | "
+          f"{fmt(ratio_per_round(results, m.name, M.CEILING))} | "
+          f"{fmt(ratio_per_round(results, m.name, M.BASELINE))} |")
+    w("")
+    w("### Goals (issue 20), judged on the per-round medians\n")
+    w("| ratio | median [min–max] | target | |\n|---|---|---|---|")
+    targets = {"TRL's best": (2.0, "≥ 2x"), "trl_defaults": (3.0, "≥ 3x")}
+    for label, s in key_ratios(results, rounds).items():
+        pct = "limit" in label or "MFU" in label
+        tgt = next((t for k, t in targets.items() if k in label), None)
+        verdict = "–" if not (s and tgt) else ("**met**" if s["median"] >= tgt[0] else
+                                              "**not met**")
+        if s and tgt and s["min"] < tgt[0] <= s["max"]:
+            verdict += " (the target lies inside the spread)"
+        w(f"| {label} | {fmt(s, pct)} | {tgt[1] if tgt else ''} | {verdict} |")
+    w("")
+    if previous:
+        w("### Reproduction: this run against an earlier one\n")
+        w(f"Earlier run: {previous['machine'].get('date', '?')}, git "
+          f"{previous['machine'].get('git_commit', '?')}, command `{previous.get('command')}`. "
+          "A ratio reproduces when this run's median lies inside the earlier run's min–max "
+          "spread.\n")
+        w("| ratio | earlier run | this run | reproduces? |\n|---|---|---|---|")
+        old = key_ratios(previous["runs"], previous.get("rounds") or [])
+        new = key_ratios(results, rounds)
+        for label in dict.fromkeys(list(old) + list(new)):
+            o, n = old.get(label), new.get(label)
+            pct = "limit" in label or "MFU" in label
+            ok = "–" if not (o and n) else (
+                "yes" if o["min"] <= n["median"] <= o["max"] else "**no**: outside the spread")
+            w(f"| {label} | {fmt(o, pct)} | {fmt(n, pct)} | {ok} |")
+        w("")
+    return L

@@ -1,0 +1,68 @@
+"""bench/flops.py's FLOP count against an independent one: torch's FlopCounterMode on a real
+PEFT LoRA step of a tiny Llama. Counts only: no timing is asserted."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench.flops import lora_step_workload, measure_throughput, physical_limit
+from bench.rounds import ratio_per_round, round_order, stats
+
+SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+def _counted_matmul_flops(length: int, r: int) -> int:
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=64)),
+                           LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                      target_modules="all-linear"))
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, length))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = counter.get_flop_counts()["Global"]
+    # SDPA's own kernels are not matmuls: the linear layers and the LM head are.
+    return sum(n for op, n in counts.items() if "mm" in str(op))
+
+
+def test_linear_and_head_flops_equal_torch_flop_counter():
+    # transformers' standard loss computes logits at every position: count the head there too.
+    length, r = 11, 4
+    w = lora_step_workload(SHAPE, [length], [length], r, micro_batches=1, attention=False)
+    assert w.flops == _counted_matmul_flops(length, r)
+
+
+def test_attention_counts_causal_pairs_and_the_head_only_trained_positions():
+    w = lora_step_workload(SHAPE, [4, 6], [1, 2], lora_r=4, micro_batches=1)
+    att = sum(t.flops for t in w.terms if t.name == "attention")
+    pairs = 4 * 5 // 2 + 6 * 7 // 2
+    assert att == SHAPE["num_hidden_layers"] * 12 * SHAPE["hidden_size"] * pairs
+    head = sum(t.flops for t in w.terms if t.name.startswith("lm head"))
+    assert head == 2 * 2 * 3 * SHAPE["hidden_size"] * SHAPE["vocab_size"]
+
+
+def test_physical_limit_is_the_sum_of_each_term_at_its_own_throughput():
+    w = lora_step_workload(SHAPE, [8, 8], [4, 4], lora_r=4, micro_batches=2)
+    shapes = sorted({t.shape for t in w.terms})
+    thr = measure_throughput(shapes, threads=1, min_time=0.002, reps=2)
+    lim = physical_limit(w, thr)
+    assert abs(lim["limit_seconds"] - sum(t.flops / thr[t.shape] for t in w.terms)) < 1e-12
+    assert lim["limit_tokens_per_s"] == 16 / lim["limit_seconds"]
+    assert 0 < lim["limit_mfu"] <= 1
+
+
+def test_rounds_rotate_and_ratios_are_taken_within_a_round():
+    names = ["a", "b", "c"]
+    orders = [round_order(names, k) for k in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert all(sorted(o.index(n) for o in orders) == [0, 1, 2] for n in names)
+    results = {"x": [{"rep": 0, "ok": True, "tokens_per_s": 10.0},
+                     {"rep": 1, "ok": True, "tokens_per_s": 30.0}],
+               "y": [{"rep": 0, "ok": True, "tokens_per_s": 5.0},
+                     {"rep": 1, "ok": True, "tokens_per_s": 10.0},
+                     {"rep": 2, "ok": True, "tokens_per_s": 1.0}]}
+    s = ratio_per_round(results, "x", "y")
+    assert s["values"] == [2.0, 3.0] and s["median"] == 2.5 and (s["min"], s["max"]) == (2, 3)
+    assert stats([]) is None
