@@ -9,7 +9,7 @@ import pytest
 
 from sft_scale.config import ConfigError, load_config
 from sft_scale.data import build_datasets
-from sft_scale.data.prepared import MANIFEST, find_prepared, load_prepared, prepare
+from sft_scale.data.prepared import find_prepared, load_prepared, prepare
 from sft_scale.model import load_tokenizer
 from tests.conftest import DEMO_CONFIG, ROOT
 
