@@ -7,7 +7,7 @@ import logging
 import torch
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.config import Config
+from sft_scale.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
+                              "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
     if tok.eos_token is None:
@@ -40,7 +41,7 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
 
     from sft_scale.attention import load_attn_implementation
 
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                   dtype=DTYPES[cfg.model.dtype], attn_implementation=load_attn_implementation(cfg),
                   use_safetensors=True)
@@ -100,8 +101,8 @@ def wrap_lora(model, cfg: Config):
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
-        raise ValueError(f"lora.target_modules={lc.target_modules!r} does not fit this model "
-                         f"({e}). Linear layers it has: {names}; or use 'all-linear'.") from None
+        raise ConfigError(f"lora.target_modules={lc.target_modules!r} does not fit this model "
+                          f"({e}). Linear layers it has: {names}; or use 'all-linear'.") from None
 
 
 def compile_model(model) -> int:

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sft_scale.config import Config, dump_yaml, load_config
+from sft_scale.config import Config, check_warmup, dump_yaml, load_config
 from sft_scale.errors import run_reporting_errors
 from sft_scale.loop import LoopState
 
@@ -68,7 +68,7 @@ def run(cfg: Config) -> dict:
     from sft_scale.fastpaths import model_config, resolve_fast_paths
     from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
-    from sft_scale.preflight import resolve_deepspeed
+    from sft_scale.preflight import check_lora_fits, resolve_deepspeed
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
@@ -81,7 +81,9 @@ def run(cfg: Config) -> dict:
     out_dir = Path(cfg.output.dir)
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
     # What auto means here (attention, loss) and whether each switch can work, before any weights.
-    fast = resolve_fast_paths(cfg, stage, model_config(cfg))
+    mc = model_config(cfg)
+    fast = resolve_fast_paths(cfg, stage, mc)
+    check_lora_fits(cfg, mc)  # target modules and rank against the model, before its weights
     identity = ckpt.run_identity(cfg, world, stage)
 
     # 1. Is there anything to do, and from where?
@@ -103,6 +105,7 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_stats = load_data(cfg, tokenizer, accelerator)
     steps = total_steps(cfg, len(train_ds), world)
+    check_warmup(cfg, steps)
     labels = data_stats.labels
     if cfg.task == "classification":
         multi = isinstance(train_ds[0]["label"], list)
