@@ -9,7 +9,8 @@ from tests.conftest import DEMO_CONFIG, ROOT, _free_port, train_metrics
 
 pytestmark = pytest.mark.slow
 
-SETS = ("training.max_steps=3", "training.micro_batch_size=4", "training.logging_steps=1")
+SETS = ("training.max_steps=3", "training.micro_batch_size=4", "training.logging_steps=1",
+        "training.warmup_steps=0")
 
 # The real training entry point, with the one function every tokenization goes through
 # (pipeline.encode_dataset, called by build_datasets) wrapped to leave a per-rank marker file.
