@@ -9,6 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test test-fast clean
 
+# The real tokenizers the model-family tests build on (tests/families.py), fetched from registry
+# packages at install time into a cache outside the repo; tests never reach the network.
+FIXTURE_SOURCES ?= $(HOME)/.cache/sft_scale/fixture-sources
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,15 +23,20 @@ $(VENV)/.installed: pyproject.toml
 	# instead of letting pip fetch another (CUDA, several GB) torch into an isolated build env.
 	$(PIP) install --no-build-isolation "deepspeed>=0.17"
 	$(PIP) install -e ".[dev]"
+	# llama.cpp's GGUF converter, from llama-cpp-python's pinned source package (sft_scale/gguf_export.py).
+	$(VENV)/bin/sft-scale gguf setup
 	touch $@
+
+$(FIXTURE_SOURCES)/.complete: tests/fetch_sources.py
+	SFT_SCALE_FIXTURE_SOURCES=$(FIXTURE_SOURCES) $(PY) tests/fetch_sources.py
 
 demo: install
 	$(VENV)/bin/sft-scale demo --output-dir runs/demo
 
-test: install
+test: install $(FIXTURE_SOURCES)/.complete
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install $(FIXTURE_SOURCES)/.complete
 	$(PY) -m pytest -m "not slow"
 
 clean:

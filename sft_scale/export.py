@@ -1,18 +1,23 @@
 """`sft-scale export`: a clean PEFT adapter (or a consolidated model) from any checkpoint of a run,
-including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks."""
+including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks; with
+`--format gguf`, a model folder plus its verified GGUF for llama.cpp / Ollama."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.checkpoint import find_resume_checkpoint, verify
+from sft_scale.checkpoint import find_resume_checkpoint, verify, weights_only_loads
 from sft_scale.config import Config, ConfigError, config_from_dict
+from sft_scale.gguf_export import export_gguf
 from sft_scale.io_utils import atomic_dir
-from sft_scale.merge import check_output
+from sft_scale.merge import check_output, merge
+from sft_scale.model import load_tokenizer
 
 
 def run_config(run_dir: Path) -> Config:
@@ -26,12 +31,13 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained weights of a checkpoint, consolidated to full fp32 tensors."""
     ds_tag = ckpt / "pytorch_model"
     if ds_tag.is_dir():
-        # DeepSpeed's own consolidation of (possibly ZeRO-3-partitioned) weights; it reads the
-        # engine's files with torch.load, which is acceptable only because these files are our
-        # own run's checkpoint, never a downloaded one.
+        # DeepSpeed's own consolidation of (possibly ZeRO-3-partitioned) weights. It asks
+        # torch.load for full unpickling; weights_only_loads overrides that, so a tampered file
+        # is refused instead of run.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
-                                                      exclude_frozen_parameters=True)
+        with weights_only_loads(ckpt):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
+                                                          exclude_frozen_parameters=True)
     else:
         from safetensors.torch import load_file
         sd = load_file(str(ckpt / "model.safetensors"))
@@ -44,20 +50,23 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
 
     run, out_path = Path(run_dir), Path(out)
     cfg = run_config(run)
-    check_output(out_path, overwrite)
+    base = resolve_model_path(cfg.model.name_or_path)
+    check_output(out_path, overwrite, {"training run": run, "base model": Path(base),
+                                       "checkpoint": Path(checkpoint) if checkpoint else None})
     if checkpoint:
         ckpt = Path(checkpoint)
         problem = verify(ckpt)
         if problem:
-            raise ConfigError(f"{ckpt}: not a usable checkpoint: {problem}")
+            raise ConfigError(f"--checkpoint {ckpt}: not a usable checkpoint: {problem}")
     else:
         cfg.checkpoint.resume = "auto"
         ckpt = find_resume_checkpoint(cfg, run)
         if ckpt is None:
             raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
     state = checkpoint_state_dict(ckpt)
-    base = resolve_model_path(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    # With model.add_tokens the adapter needs the tokenizer training used (same ids).
+    tokenizer = load_tokenizer(cfg) if cfg.model.add_tokens or cfg.model.add_special_tokens \
+        else AutoTokenizer.from_pretrained(base)
     model_config = AutoConfig.from_pretrained(base)
 
     with atomic_dir(out_path) as tmp:
@@ -65,11 +74,15 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             from peft import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            from sft_scale.model import wrap_lora
+            from sft_scale.model import resize_for_added_tokens, wrap_lora
             # The module structure is all PEFT needs to name the adapter's tensors: meta device.
             with init_empty_weights():
-                skeleton = wrap_lora(AutoModelForCausalLM.from_config(model_config), cfg)
-            adapter_sd = get_peft_model_state_dict(skeleton, state_dict=state)
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+                skeleton = wrap_lora(skeleton, cfg, resize_for_added_tokens(skeleton, cfg, False))
+            added = bool(cfg.model.add_tokens or cfg.model.add_special_tokens)
+            # Added tokens' rows are trainable tokens in the adapter, not whole embeddings.
+            adapter_sd = get_peft_model_state_dict(
+                skeleton, state_dict=state, save_embedding_layers=False if added else "auto")
             if not adapter_sd or any(v.numel() == 0 for v in adapter_sd.values()):
                 raise ConfigError(f"{ckpt}: holds no adapter weights (empty tensors)")
             save_file({k: v.contiguous() for k, v in adapter_sd.items()},
@@ -91,3 +104,24 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             {"run": str(run), "checkpoint": str(ckpt), "base": base,
              "kind": "adapter" if cfg.lora.enabled else "model"}, indent=2) + "\n")
     return out_path
+
+
+def export_to_gguf(run_dir: str, out: str, outtype: str = "f16", checkpoint: str | None = None,
+                   overwrite: bool = False, pre_tokenizer: str | None = None) -> dict:
+    """A checkpoint as a model folder llama.cpp's converter takes (config.json, weights,
+    tokenizer) and its verified GGUF. A LoRA checkpoint's adapter is exported to a scratch
+    folder and merged (verified) into OUT first: an adapter folder has no config.json."""
+    out_path = Path(out)
+    check_output(out_path, overwrite)
+    if not run_config(Path(run_dir)).lora.enabled:
+        export(run_dir, out, checkpoint, overwrite)
+    else:
+        out_path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.adapter-",
+                                        dir=out_path.absolute().parent))
+        try:
+            export(run_dir, str(scratch / "adapter"), checkpoint)
+            merge(str(scratch / "adapter"), out, overwrite=overwrite)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return export_gguf(out_path, outtype, pre_tokenizer=pre_tokenizer)

@@ -9,6 +9,7 @@ reloaded, so a failure leaves no half-written model.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -20,6 +21,8 @@ import torch
 from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError, MergeError
 from sft_scale.io_utils import atomic_dir
+from sft_scale.model import open_tokenizer
+from sft_scale.serving import copy_vocab_files, generation_eos, local_dir, serving_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,45 @@ PROBE_PROMPTS = ["Review: the soup was awful\nSentiment:", "Hello, my name is",
                  "The capital of France is"]
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """`--out` must be a folder that is none of the inputs (`{"adapter": path, ...}`), holds
+    none and lies inside none, whatever --overwrite says: replacing it must never delete what
+    the command reads (a base's weights, a run's checkpoints)."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        src = Path(path).resolve()
+        relation = ("is" if target == src else "contains" if src.is_relative_to(target)
+                    else "lies inside" if target.is_relative_to(src) else None)
+        if relation:
+            raise ConfigError(f"--out {out} {relation} the {what} {path}, an input of this "
+                              "command; writing there would destroy it (--overwrite does not "
+                              "change this). Choose an --out outside it, e.g. a sibling folder.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder. Choose a folder path "
+                          "for --out, or remove the file.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it, or choose "
                           "another --out")
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        ok = convert_file_size_to_int(max_shard_size) > 0
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB, "
+                          "500MB or 2GiB (a number and a unit).")
+
+
+def run_dir_of(adapter: Path) -> Path | None:
+    """The training output dir an adapter lives in (it holds the run's manifest), if any."""
+    parent = adapter.resolve().parent
+    return parent if (parent / "manifest.json").is_file() else None
 
 
 def check_disk(out: Path, need_bytes: int) -> None:
@@ -71,32 +109,81 @@ def _probe_inputs(tokenizer) -> dict:
 
 
 @torch.no_grad()
-def _logits_and_greedy(model, inputs, tokenizer) -> tuple[torch.Tensor, list[list[int]]]:
+def _logits_and_greedy(model, inputs, tokenizer, generate: bool = True
+                       ) -> tuple[torch.Tensor, list[list[int]]]:
     model.eval()
     logits = model(**inputs).logits.float()
+    if not generate:
+        return logits, []
     gen = model.generate(**inputs, max_new_tokens=8, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return logits, gen[:, inputs["input_ids"].shape[1]:].tolist()
 
 
+def _model_class(classifier: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+
+
+def _classifier_head(adapter: Path, tokenizer) -> dict:
+    """The head a classification adapter was trained with (PEFT saves it with the adapter as
+    `...score.weight`): its size, and its label names from the run's manifest when present."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        heads = [k for k in f.keys() if k.endswith(("score.weight", "classifier.weight"))]
+        if not heads:
+            raise ConfigError(f"{adapter}: a sequence-classification adapter without its head "
+                              "(no score.weight in adapter_model.safetensors); it cannot be "
+                              "merged into a working classifier. Export it again from the run.")
+        n = f.get_slice(heads[0]).get_shape()[0]
+    head = {"num_labels": n, "pad_token_id": tokenizer.pad_token_id}
+    run = run_dir_of(adapter)
+    manifest = json.loads((run / "manifest.json").read_text()) if run else {}
+    labels = (manifest.get("resolved") or {}).get("data", {}).get("labels") or []
+    problem = (manifest.get("resolved") or {}).get("problem")
+    names = labels[1:] if problem == "binary" else labels
+    if len(names) == n:
+        head.update(id2label=dict(enumerate(names)), label2id={x: i for i, x in enumerate(names)})
+    if problem == "multi_label":  # sigmoid per label at inference; the others are read by argmax
+        head["problem_type"] = "multi_label_classification"
+    return head
+
+
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp32",
           max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter, out_path = Path(adapter_dir), Path(out)
+    check_shard_size(max_shard_size)
     acfg = read_adapter(adapter)
-    check_output(out_path, overwrite)
     base_path = resolve_model_path(base or acfg["base_model_name_or_path"])
+    check_output(out_path, overwrite, {"adapter": adapter, "base model": Path(base_path),
+                                       "training run": run_dir_of(adapter)})
+    classifier = acfg.get("task_type") == "SEQ_CLS"
+    model_cls = _model_class(classifier)
     check_disk(out_path, param_count(base_path) * DTYPES[dtype].itemsize)
 
     tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    tokenizer = open_tokenizer(str(tok_src))
+    # Saved as it was trained (chat template, BOS) and right-padded; a copy is padded left
+    # for the batched greedy checks below.
+    saved_tokenizer = serving_tokenizer(tokenizer, None, None)
+    tokenizer = copy.deepcopy(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
-                                                 use_safetensors=True)
+    head = _classifier_head(adapter, tokenizer) if classifier else {}
+    model = model_cls.from_pretrained(base_path, dtype=DTYPES[dtype], use_safetensors=True,
+                                      **head)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        # Trained with model.add_tokens: the adapter holds every new row (trainable tokens), so
+        # their initial values here do not matter.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        log.info("merge: embedding resized from %d to %d rows for the adapter's added tokens",
+                 rows, len(tokenizer))
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:
@@ -106,35 +193,83 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
                              "The adapter was trained on another base; pass the right --base.") from None
         raise
     inputs = _probe_inputs(tokenizer)
-    ref_logits, ref_gen = _logits_and_greedy(model, inputs, tokenizer)
+    ref_logits, ref_gen = _logits_and_greedy(model, inputs, tokenizer, generate=not classifier)
     merged = model.merge_and_unload()
-    logits, gen = _logits_and_greedy(merged, inputs, tokenizer)
-    mask = inputs["attention_mask"].bool()
+    logits, gen = _logits_and_greedy(merged, inputs, tokenizer, generate=not classifier)
+    # Classification logits are one row per sequence; LM logits one per (real) token.
+    mask = slice(None) if classifier else inputs["attention_mask"].bool()
     diff = (logits[mask] - ref_logits[mask]).abs().max().item()
     report = {"base": base_path, "adapter": str(adapter), "dtype": dtype,
+              "kind": "sequence classification" if classifier else "causal LM",
               "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype],
-              "greedy_generations_equal": gen == ref_gen}
+              "greedy_generations_equal": None if classifier else gen == ref_gen}
     log.info("merge verification: %s", report)
     if diff > TOLERANCE[dtype]:
         raise MergeError(f"merged model disagrees with base+adapter: max |logit diff| {diff:.3g} "
                          f"> {TOLERANCE[dtype]} ({dtype}); nothing was written")
-    if gen != ref_gen:
+    if not classifier and gen != ref_gen:
         log.warning("greedy generations differ between merged and base+adapter (near-tied "
                     "logits at %s precision); logits agree within tolerance", dtype)
 
+    merged.generation_config = _generation_config(adapter, merged.generation_config,
+                                                  saved_tokenizer)
+    report["generation_eos_token_id"] = merged.generation_config.eos_token_id
     with atomic_dir(out_path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.padding_side = "right"
-        tokenizer.save_pretrained(tmp)
+        _add_rope_theta(tmp / "config.json")
+        saved_tokenizer.save_pretrained(tmp)
+        # Unchanged from the adapter (which training gave the base's) or else the base.
+        report["tokenizer_files_copied"] = copy_vocab_files(adapter, tmp) + \
+            copy_vocab_files(local_dir(base_path), tmp)
+        report["tokenizer_matches_base"] = _same_tokenization(tmp, base_path)
+        if not report["tokenizer_matches_base"]:
+            raise MergeError(f"the tokenizer saved with the merged model tokenizes differently "
+                             f"from the base's ({base_path}); nothing was written")
         (tmp / "README.md").write_text(model_card(report, adapter))
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
         # Reload what was written (all shards) before it replaces anything.
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype])
-        check, _ = _logits_and_greedy(reloaded, inputs, tokenizer)
+        reloaded = model_cls.from_pretrained(tmp, dtype=DTYPES[dtype])
+        check, _ = _logits_and_greedy(reloaded, inputs, tokenizer, generate=False)
         if not torch.equal(check, logits):
             raise MergeError("the saved merged model does not reload to the merged logits; "
                              "nothing was written")
     return report
+
+
+def _generation_config(adapter: Path, base_config, tokenizer):
+    """The adapter's generation config (training wrote it: EOS plus the chat template's end of
+    turn), else the base's with the end-of-turn token of the tokenizer's template added."""
+    from transformers import GenerationConfig
+
+    if (adapter / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(adapter)
+    gen = copy.deepcopy(base_config)
+    eos = generation_eos(gen.eos_token_id, tokenizer, tokenizer.chat_template)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    return gen
+
+
+def _add_rope_theta(config_json: Path) -> None:
+    """transformers 5 writes the RoPE base only inside `rope_parameters`; converters written
+    for the older layout (llama.cpp's among them) read a top-level `rope_theta`, and
+    transformers accepts both, so both are written."""
+    cfg = json.loads(config_json.read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in cfg:
+        cfg["rope_theta"] = theta
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+SAMPLE_TEXTS = ["Hello, my name is Ada.\n\nI  like   spaces\tand tabs.",
+                "Ünïcödé, 数字 12345 and code: def f(x): return x**2",
+                " leading space, trailing space "]
+
+
+def _same_tokenization(saved: Path, base: str) -> bool:
+    """Whether the saved tokenizer splits text into the same ids as the base's own."""
+    a, b = open_tokenizer(str(saved)), open_tokenizer(base)
+    return all(a(t, add_special_tokens=False)["input_ids"] == b(t, add_special_tokens=False)[
+        "input_ids"] for t in SAMPLE_TEXTS)
 
 
 def model_card(report: dict, adapter: Path) -> str:

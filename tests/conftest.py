@@ -63,3 +63,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def train_metrics(out: Path) -> list[dict]:
     """The per-step training records of metrics.jsonl (eval records have eval_loss instead)."""
     return [m for m in read_jsonl(Path(out) / "metrics.jsonl") if "loss" in m]
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """`family_model(name) -> Path`: a saved tiny model of a real family (tests/families.py),
+    built once per test session and shared by every test that asks for it."""
+    from tests.families import build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return lambda name: build_family(name, root)
