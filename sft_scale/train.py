@@ -276,7 +276,9 @@ def load_data(cfg: Config, tokenizer, accelerator):
     if path is None:
         with accelerator.main_process_first():
             return build_datasets(cfg, tokenizer)
-    log.info("data: prepared data from %s (fingerprint matches; nothing tokenized)", path)
+    # Every rank says so (not only the logging main process): the proof that none tokenized.
+    print(f"data: rank {accelerator.process_index} loads the prepared data from {path} "
+          "(fingerprint matches; nothing tokenized)", flush=True)
     return load_prepared(path, cfg, tokenizer)
 
 
