@@ -126,6 +126,19 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from sft_scale.config import load_config
+    from sft_scale.data.prepared import prepare
+    from sft_scale.model import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides, args.output_dir)
+    path, stats, written = prepare(cfg, load_tokenizer(cfg), force=args.force)
+    print(f"prepared data in {path}: {stats.examples} training examples, {stats.tokens} tokens "
+          f"({stats.trained_tokens} trained), {stats.eval_examples} eval examples"
+          + ("" if written else "; already up to date, nothing tokenized"), flush=True)
+    return 0
+
+
 def cmd_slurm(args) -> int:
     from sft_scale import slurm
 
@@ -280,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("-n", type=positive_int, default=3, help="examples to show")
     p.set_defaults(func=cmd_data_preview)
+    p = data_sub.add_parser("prepare", help="tokenize once into data.prepared_dir (default "
+                            "OUTPUT_DIR/prepared_data), for training jobs to load instead of "
+                            "tokenizing at start-up")
+    config_args(p)
+    p.add_argument("--force", action="store_true", help="rewrite it even when up to date")
+    p.set_defaults(func=cmd_data_prepare)
 
     from sft_scale import slurm as slurm_options  # its dataclass declares the submit flags
 

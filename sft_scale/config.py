@@ -126,6 +126,9 @@ class DataConfig:
     packing: Union[bool, Literal["auto"]] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
+    # Tokenized data written by `sft-scale data prepare` (relative: to the config file's folder).
+    # Unset: OUTPUT_DIR/prepared_data when that exists, else the job tokenizes at start-up.
+    prepared_dir: Optional[str] = None
     # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
     num_workers: int = 0
     pin_memory: bool = True  # pinned host batches for faster host->GPU copies; ignored on CPU
@@ -176,6 +179,10 @@ class CheckpointConfig:
     keep_last: int = 2
     # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
     resume: str = "auto"
+    # A DeepSpeed checkpoint resumed by a different number of processes (same global batch):
+    # convert it once to DeepSpeed's universal format and load that (the checkpoint itself is
+    # untouched), or refuse. See sft_scale/checkpoint.py: to_universal.
+    resume_world_size_change: Literal["convert", "refuse"] = "convert"
     # Resuming on training data that differs from the checkpoint's (another file, another
     # tokenization) is refused unless this is true.
     allow_data_change: bool = False
@@ -612,6 +619,8 @@ def _resolve_paths(cfg: Config) -> None:
             src.path = str((base / src.path).resolve())
     if cfg.distributed.deepspeed_config:
         cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
+    if cfg.data.prepared_dir:
+        cfg.data.prepared_dir = res(cfg.data.prepared_dir)
 
 
 SEED_LIMIT = 2 ** 32  # numpy's seed range, which accelerate's set_seed also seeds

@@ -102,6 +102,10 @@ class SlurmOptions:
         "signal window", metavar="SIZE"))
     max_requeues: int = field(default=3, metadata=_help(
         "requeues after USR1 preemptions before the job gives up (exit 75)"))
+    prepare_data: bool | None = field(default=None, metadata=_help(
+        "tokenize the data once before training (`sft-scale data prepare`, one task on the "
+        "first node) so that no rank tokenizes while the others wait at a barrier (default: on "
+        "for several nodes, off for one)"))
 
     @property
     def procs(self) -> int:
@@ -304,6 +308,11 @@ def render(config: str, opts: SlurmOptions, overrides: list[str] = (),
         cfg.distributed.deepspeed_config = layout.ds_file()
         resolve_deepspeed(cfg, world_size=layout.world_size)
     seconds, why = signal_window(cfg, opts)
+    prepare = opts.prepare_data if opts.prepare_data is not None else opts.nodes > 1
+    if prepare and pre_step is None:
+        # Written to data.prepared_dir (default OUT/prepared_data), which every rank then loads.
+        pre_step = ["-m", "sft_scale.cli", "data", "prepare", "--config", config,
+                    "--output-dir", str(out)] + [x for o in overrides for x in ("--set", o)]
     cmd = launch_command(config, layout, list(overrides), str(out))
     launch_line = '"$SFT_SCALE_PYTHON" -m accelerate.commands.launch ' + _shell_join(cmd[2:])
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -122,6 +122,11 @@ def test_two_node_zero2_job_has_world_size_two(two_node_run):
         assert "2 CPUs for 1 process(es), OMP_NUM_THREADS=1" in log
     summary = json.loads((two_node_run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2
+    # Several nodes: the job tokenized once (`data prepare`, before training) and both ranks
+    # loaded that, tokenizing nothing themselves.
+    assert (two_node_run / "prepared_data" / "prepared.json").exists()
+    for rank in (0, 1):
+        assert f"data: rank {rank} loads the prepared data from" in log
     assert sorted(json.loads((two_node_run / "manifest.json").read_text())
                   ["attempts"][-1]["hostnames"])  # recorded
 

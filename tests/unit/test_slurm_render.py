@@ -63,7 +63,11 @@ def test_four_node_script_line_by_line(tmp_path):
     assert "trap 'got=TERM; log \"TERM: Slurm is ending this job; the training is " \
            "checkpointing\"' TERM" in s
     srun = [x for x in s if "srun" in x and not x.startswith("#")]
-    assert srun == ["run_step srun --label --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 "
+    # Several nodes: the data is tokenized once by one task first (data prepare), then trained.
+    assert srun == ["if ! run_step srun --label --nodes=1 --ntasks=1 --cpus-per-task=64 "
+                    "\"$SFT_SCALE_PYTHON\" -m sft_scale.cli data prepare --config "
+                    f"{DEMO_CONFIG} --output-dir {out} --set training.max_steps=6; then",
+                    "run_step srun --label --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 "
                     f"--cpus-per-task=64 bash {r.node_path}"]
     assert '    if [ "$ATTEMPT" -le 5 ]; then' in s
     assert f"ended=$(\"$SFT_SCALE_PYTHON\" - {out}/manifest.json \"$rc\" <<'PY'" in s
@@ -435,7 +439,7 @@ def test_hostile_paths_and_values_are_data_not_code(tmp_path):
     py.symlink_to(stub / "bin" / "python")
     sets = ["model.revision=$(touch PWNED6)x"]
     for output_dir in (None, str(hostile)):  # from the config file, then from the CLI
-        r = render(str(config), SlurmOptions(nodes=2, python=str(py),
+        r = render(str(config), SlurmOptions(nodes=2, python=str(py), prepare_data=False,
                                              extra_sbatch=["--comment=$(touch PWNED7)"]),
                    sets, output_dir)
         assert r.output_dir == hostile
