@@ -200,17 +200,9 @@ def _base_weight_bytes(cfg, shape: ModelShape, wb: int) -> int:
 def model_states(cfg, shape: ModelShape, stage: int, offload: bool, world: int) -> dict:
     """Per-GPU bytes of weights, fp32 master copy, gradients and AdamW states."""
     wb = dtype_bytes(cfg, shape)
-<<<<<<< HEAD
-    quantized = cfg.quantization.load_in_8bit or cfg.quantization.load_in_4bit
-    if cfg.lora.enabled:
-        trainable = lora_params(shape, cfg.lora)
-        frozen = _base_weight_bytes(cfg, shape, wb)
-        tb = 4 if quantized else wb  # adapters on a quantized base stay fp32 (PEFT upcasts them)
-=======
     if cfg.lora.enabled:
         # Adapters on an 8-bit base are fp32 after PEFT, and DeepSpeed casts them to `wb` too.
         trainable, frozen, tb = lora_params(shape, cfg.lora), _base_weight_bytes(cfg, shape, wb), wb
->>>>>>> main
     else:
         trainable, frozen, tb = shape.total_params, 0, wb
     mixed = tb == 2  # 16-bit training keeps fp32 master weights and fp32 gradients for the step

@@ -118,7 +118,6 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None,
     return ds
 
 
-<<<<<<< HEAD
 def check_optimizer(cfg: Config, device: str | None = None) -> None:
     """training.optimizer against the device this process trains on (run in the job, where the
     device is, before any weights load: a login node without GPUs decides nothing here)."""
@@ -142,7 +141,8 @@ def check_optimizer(cfg: Config, device: str | None = None) -> None:
         raise ConfigError(f"training.optimizer: {name} needs bitsandbytes, which is not "
                           "installed: pip install bitsandbytes, or use training.optimizer: "
                           "adamw") from None
-=======
+
+
 def choose_offload_optimizer() -> bool:
     """True when DeepSpeed's CPU Adam (a C++ op, JIT-built with ninja and a compiler on first
     use, then cached in TORCH_EXTENSIONS_DIR) is ready here, so that Accelerate runs the
@@ -174,7 +174,6 @@ def choose_offload_optimizer() -> bool:
         print(f"offload optimizer: torch AdamW, the slow path ({reason}); install ninja and a "
               "C++ compiler for DeepSpeed's CPU Adam", flush=True)
     return False
->>>>>>> main
 
 
 def check_compatibility(cfg: Config, ds: dict | None, source: str = "<deepspeed config>") -> None:

@@ -75,16 +75,12 @@ def run(cfg: Config) -> dict:
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
-<<<<<<< HEAD
-    ds_config = resolve_deepspeed(cfg)
+    ds_config = resolve_deepspeed(cfg, in_job=True)
     check_optimizer(cfg)
     mc = model_config(cfg)
     # Before the accelerator: under ZeRO-3 it makes transformers build every model (even the
     # meta-device one this check uses) through deepspeed.zero.Init, which fails on meta tensors.
     check_lora_fits(cfg, mc)  # target modules and rank against the model, before its weights
-=======
-    ds_config = resolve_deepspeed(cfg, in_job=True)
->>>>>>> main
     accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,

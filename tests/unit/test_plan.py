@@ -416,7 +416,9 @@ def test_4bit_70b_lora_fits_one_and_two_80gib_gpus_and_bf16_is_told_to_quantize(
         assert "--set quantization.load_in_4bit=true" in format_table(bf16)
         q4 = estimate(cfg_for("llama3_70b", *sets, "quantization.load_in_4bit=true"), gpus,
                       80 * GiB)
-        assert q4["recommendation"]["name"] == "ZeRO-0" and "quantization_hint" not in q4
+        # in 4-bit every stage fits without offload (ZeRO-0 included); the ranking picks one
+        assert q4["rows"][0]["fits"] and not q4["recommendation"]["offload"]
+        assert "quantization_hint" not in q4
         assert "LoRA on 4-bit" in format_table(q4)
         # ~0.5 byte per quantized parameter + constants; embeddings/head/norms upcast to fp32
         shape = model_shape(FIXTURES / "llama3_70b.json")
