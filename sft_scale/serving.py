@@ -110,8 +110,8 @@ class Serving:
     generation_config: object | None
     base_dir: Path | None
 
-    def save(self, folder: Path, save_tokenizer: bool = True) -> None:
-        if save_tokenizer:
+    def save(self, folder: Path, with_tokenizer: bool = True) -> None:
+        if with_tokenizer:
             save_tokenizer(self.tokenizer, folder)
             copy_vocab_files(self.base_dir, Path(folder))
         if self.generation_config is not None:
