@@ -10,31 +10,82 @@ pretrained base -> supervised fine-tune. The folder is a plain Hugging Face mode
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import model_info, try_to_load_from_cache
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+from sft_scale.errors import ConfigError
+
 BUILTIN_PREFIX = "builtin:"
 TINY_LLAMA = "tiny-llama"
 _VERSION = "v4"  # bump when the recipe below changes, so stale caches are not reused
+# The hub's repo-id form: "name" or "owner/name". Anything else that does not exist is a path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+HUB_TIMEOUT_S = 10
 
 
 def cache_home() -> Path:
     return Path(os.environ.get("SFT_SCALE_HOME", Path.home() / ".cache" / "sft_scale"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map `builtin:NAME` to its built folder (building it once); pass anything else through."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
+def resolve_model_path(name_or_path: str, revision: str | None = None,
+                       key: str = "model.name_or_path") -> str:
+    """Map `builtin:NAME` to its built folder (building it once); check that a local path exists
+    and that a hub id is cached or downloadable, so a wrong name fails in seconds with a fix
+    (transformers would retry the hub for a minute, then name the wrong cause). `key` is the
+    setting the name came from, for the message."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX):]
+        if name != TINY_LLAMA:
+            raise ConfigError(f"{key}={name_or_path!r}: unknown builtin model; available: "
+                              f"{BUILTIN_PREFIX}{TINY_LLAMA}")
+        target = cache_home() / f"{TINY_LLAMA}-{_VERSION}"
+        if not (target / "model.safetensors").exists():
+            build_tiny_llama(target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
         return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
-    if name != TINY_LLAMA:
-        raise ValueError(f"unknown builtin model {name_or_path!r}; available: "
-                         f"{BUILTIN_PREFIX}{TINY_LLAMA}")
-    target = cache_home() / f"{TINY_LLAMA}-{_VERSION}"
-    if not (target / "model.safetensors").exists():
-        build_tiny_llama(target)
-    return str(target)
+    if not HUB_ID.fullmatch(name_or_path):
+        raise ConfigError(f"{key}={name_or_path!r}: the folder {path.absolute()} does not exist. "
+                          f"Point {key} at a model folder (config.json, tokenizer, *.safetensors) "
+                          "or a hub id such as Qwen/Qwen2.5-0.5B")
+    check_hub_model(name_or_path, revision, key)
+    return name_or_path
+
+
+def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:
+    """A hub id must be in the local cache, or the hub must say it exists; one request, no
+    retries."""
+    # config.json for a model; tokenizer_config.json alone for a tokenizer-only repo.
+    if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)
+           for f in ("config.json", "tokenizer_config.json")):
+        return
+    at = f" at revision {revision!r}" if revision else ""
+    # "models/llama" may have been meant as a folder next to the config.
+    nor = f" (nor is there a folder {Path(repo_id).absolute()})" if "/" in repo_id else ""
+    try:
+        model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError:
+        raise ConfigError(f"{key}={repo_id!r}: the hub has no revision {revision!r}; fix "
+                          "model.revision") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}={repo_id!r}: no such model on the Hugging Face hub{nor} (or "
+                          "it is private or gated: `huggingface-cli login` first). Check the id, "
+                          "or point it at a local model folder") from None
+    except Exception as e:  # offline mode, no network, DNS, proxy: it cannot be fetched now
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        folder = f"models/{repo_id.rsplit('/', 1)[-1]}"
+        raise ConfigError(
+            f"{key}={repo_id!r}: this hub model{at} is not in the local cache{nor} and cannot "
+            f"be downloaded here ({reason}). Download it where there is network: "
+            f"`huggingface-cli download {repo_id} --local-dir {folder}`"
+            + (f" --revision {revision}" if revision else "")
+            + f", copy the folder here if needed, and set {key}: /path/to/{folder}") from None
 
 
 def build_tokenizer(corpus: list[str]):

@@ -12,10 +12,12 @@ import shlex
 import shutil
 from pathlib import Path
 
-from sft_scale.config import Config, load_config
+from sft_scale.config import Config, check_warmup, load_config
 from sft_scale.launch import Layout, launch_command
+from sft_scale.plan import GiB, estimate, format_table
 
 SAMPLE = 200  # records tokenized per source: enough for length statistics, fast on any data
+PLAN_GPU_MEMORY = 80 * GiB  # the memory plan's GPU size when --gpu-memory is not given
 
 
 def checkpoint_bytes(cfg: Config, trainable: int, train_bytes: int) -> int:
@@ -44,7 +46,7 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     from sft_scale.loop import total_steps
     from sft_scale.model import load_tokenizer
     from sft_scale.plan import dtype_bytes, lora_params, model_shape
-    from sft_scale.preflight import resolve_auto_zero, resolve_deepspeed
+    from sft_scale.preflight import check_lora_fits, resolve_auto_zero, resolve_deepspeed
 
     import datasets
 
@@ -70,12 +72,13 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     print(f"layout: {layout.nodes} node(s) x {layout.nproc_per_node} process(es) = world size "
           f"{layout.world_size}; global batch {gb}; DeepSpeed: {report['deepspeed']}")
 
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
     mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
                                     trust_remote_code=cfg.model.trust_remote_code)
     shape = model_shape(cfg)
     stage = int(report["deepspeed"][5]) if report["deepspeed"].startswith("ZeRO-") else None
     fast = resolve_fast_paths(cfg, stage, mc)  # an impossible switch fails here, not on the GPUs
+    check_lora_fits(cfg, mc)
     report["fast_paths"] = {k: fast[k] for k in ("attention_kernel", "packing", "loss",
                                                  "torch_compile")}
     tokenizer = load_tokenizer(cfg)
@@ -102,6 +105,7 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     kept = stats.examples / len(sample)
     n_examples = max(1, int(n_total * kept))
     steps = total_steps(cfg, n_examples, layout.world_size)
+    check_warmup(cfg, steps)
     per_epoch = max(1, -(-n_examples // gb))
     report.update(records=n_total, sampled=len(sample), est_examples=n_examples,
                   avg_tokens=round(avg, 1), steps_per_epoch=per_epoch, total_steps=steps,
@@ -111,6 +115,8 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
           f"truncated and {dropped} dropped at max_seq_len {cfg.data.max_seq_len}; ~{avg:.0f} "
           f"tokens per example; {per_epoch:,} steps per epoch; {steps:,} steps, "
           f"~{report['total_tokens']:,} tokens in all")
+
+    report.update(memory_plan(cfg, layout, stage, gpu_memory))
 
     tb = 4 if cfg.quantization.load_in_8bit and cfg.lora.enabled else dtype_bytes(cfg, shape)
     per_ckpt = checkpoint_bytes(cfg, trainable, tb)
@@ -130,6 +136,32 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     where = " (node 0; on node R use --machine_rank R)" if layout.nodes > 1 else ""
     print(f"launch{where}: {report['launch']}")
     return report
+
+
+def memory_plan(cfg: Config, layout: Layout, stage: int | None, gpu_memory: int | None) -> dict:
+    """Print `sft-scale plan`'s table for this layout and say whether the checked variant fits.
+    Without --gpu-memory the GPUs are assumed to have 80 GiB, and not fitting only warns."""
+    plan = estimate(cfg, layout.world_size, gpu_memory or PLAN_GPU_MEMORY)
+    assumed = "" if gpu_memory else (f" (assuming {_size(PLAN_GPU_MEMORY)} GPUs; pass "
+                                     "--gpu-memory for yours)")
+    print(f"memory plan{assumed}:\n{format_table(plan)}")
+    if layout.zero == "auto":  # the job decides; the plan's recommendation is what it will pick
+        rec = plan["recommendation"]
+        row = next((r for r in plan["rows"] if rec and r["name"] == rec["name"]), None)
+    else:
+        offload = bool(layout.offload) and stage in (2, 3)
+        # Plain DDP keeps what ZeRO-0 keeps: a full copy of every state on each process.
+        row = next(r for r in plan["rows"]
+                   if r["stage"] == (stage or 0) and r["offload"] == offload)
+    if row is None or not row["supported"]:
+        print("memory: NO variant fits this layout" if row is None
+              else f"memory: {row['name']} {row['reason']}")
+        return {"memory_variant": None, "memory_per_gpu": None, "memory_fits": False,
+                "memory_ok": gpu_memory is None}
+    print(f"memory: this layout ({row['name']}) needs ~{_size(row['total'])} per GPU: "
+          f"{'fits' if row['fits'] else 'does NOT fit'} in {_size(plan['budget'])}")
+    return {"memory_variant": row["name"], "memory_per_gpu": row["total"],
+            "memory_fits": row["fits"], "memory_ok": row["fits"] or gpu_memory is None}
 
 
 def _size(n: float) -> str:

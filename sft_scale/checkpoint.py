@@ -11,15 +11,21 @@ step (see data/sampler.py), so step + RNG + optimizer + scheduler is the whole t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import math
 import os
+import pickle
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
 from sft_scale.config import Config, ConfigError
 from sft_scale.errors import CheckpointError  # noqa: F401  (re-exported)
@@ -53,41 +59,178 @@ def run_identity(cfg: Config, world_size: int, zero_stage: int | None) -> dict:
                 "modules_to_save": cfg.lora.modules_to_save},
             "load_in_8bit": cfg.quantization.load_in_8bit, "world_size": world_size,
             "global_batch_size": cfg.global_batch_size(world_size), "zero_stage": zero_stage,
-            "config_hash": hashlib.sha256(dump_yaml(_without_volatile(cfg)).encode()).hexdigest()}
+            "config_hash": hashlib.sha256(dump_yaml(_without_volatile(cfg)).encode()).hexdigest(),
+            "config": _flatten(cfg.to_dict())}
 
 
 def _without_volatile(cfg: Config) -> Config:
     """The config minus what may change between a run and its resumption (where it writes,
     how often it checkpoints, how long it runs)."""
-    import copy
-
     c = copy.deepcopy(cfg)
     c.output.dir, c.checkpoint.resume, c.output.overwrite = "", "auto", False
+    c.checkpoint.allow_data_change = False
     c.training.max_steps, c.training.num_epochs = 0, 0.0
     c.checkpoint.every_steps, c.checkpoint.keep_last = 0, 0
     return c
 
 
-def check_compatible(saved: dict, current: dict, where: Path) -> None:
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Resume policy, key by key. Keys that say where/how long/how often, or how the same arithmetic is
+# laid out, are applied as given on resume (the schedule is rebuilt from the new total steps; a
+# new micro-batch split of the same global batch trains the same examples). Every other key
+# changes what the resumed steps compute, and the optimizer/scheduler state restored from the
+# checkpoint would silently override some of them (learning rate, betas): those are refused.
+RESUME_APPLIED = ("output.", "checkpoint.", "logging.", "eval.", "training.max_steps",
+                  "training.num_epochs", "training.logging_steps", "training.micro_batch_size",
+                  "training.gradient_accumulation_steps", "training.torch_compile",
+                  "training.gradient_checkpointing", "training.loss", "model.attn_implementation",
+                  "data.num_workers", "data.pin_memory", "data.num_proc", "distributed.")
+
+
+def _refused_changes(saved: dict, current: dict, allow_data: bool) -> list[str]:
+    applied = RESUME_APPLIED + (("data.",) if allow_data else ())
+    return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
+            for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k) and not k.startswith(applied)]
+
+
+def check_compatible(saved: dict, current: dict, where: Path, allow_data: bool = False) -> None:
+    fresh = "Use a fresh --output-dir, or --set checkpoint.resume=never to start over."
     for key, what in (("model", "base model"), ("lora", "LoRA shape"),
                       ("load_in_8bit", "quantization")):
         if saved.get(key) != current.get(key):
             raise ConfigError(f"{where}: checkpoint was trained with {what} {saved.get(key)!r}, "
-                              f"this config has {current.get(key)!r}. Use a fresh --output-dir, "
-                              "or --set checkpoint.resume=never to start over.")
+                              f"this config has {current.get(key)!r}. {fresh}")
     if saved.get("world_size") != current.get("world_size"):
         if saved.get("zero_stage") is not None or current.get("zero_stage") is not None:
             raise ConfigError(f"{where}: DeepSpeed checkpoint written by {saved['world_size']} "
                               f"processes cannot be resharded to {current['world_size']}. Resume "
                               f"with {saved['world_size']} processes.")
-        if saved.get("global_batch_size") != current.get("global_batch_size"):
-            raise ConfigError(f"{where}: checkpoint used a global batch of "
-                              f"{saved['global_batch_size']}, this layout gives "
-                              f"{current['global_batch_size']}; adjust gradient_accumulation_steps "
-                              "so micro x accumulation x world size matches.")
-    if saved.get("config_hash") != current.get("config_hash"):
-        log.warning("%s: the config differs from the one this checkpoint was written with "
-                    "(hyperparameters changed?); resuming anyway", where)
+    if saved.get("global_batch_size") != current.get("global_batch_size"):
+        # The data position is a function of the step and the global batch.
+        raise ConfigError(f"{where}: checkpoint used a global batch of "
+                          f"{saved['global_batch_size']}, this layout gives "
+                          f"{current['global_batch_size']}; adjust gradient_accumulation_steps "
+                          "so micro x accumulation x world size matches.")
+    if "config" in saved:
+        refused = _refused_changes(saved["config"], current["config"], allow_data)
+        if refused:
+            raise ConfigError(
+                f"{where}: the config differs from the checkpoint's in {', '.join(refused)}; a "
+                "resumed run cannot apply these exactly. Restore the checkpoint's values (see "
+                f"config.resolved.yaml), or start over: {fresh}")
+    elif saved.get("config_hash") != current.get("config_hash"):
+        log.warning("%s: the config differs from the one this (older) checkpoint was written "
+                    "with and it records no per-key config; resuming anyway", where)
+    old_data, new_data = saved.get("data_fingerprint"), current.get("data_fingerprint")
+    if old_data and new_data and old_data != new_data:
+        if not allow_data:
+            raise ConfigError(
+                f"{where}: the training data differs from the data this checkpoint was trained "
+                f"on (fingerprint {old_data[:12]} -> {new_data[:12]}): the resumed steps would "
+                "not continue the same epoch. Restore the data, start over (" + fresh[:-1]
+                + "), or --set checkpoint.allow_data_change=true to continue on the new data.")
+        log.warning("%s: training data changed since the checkpoint (allowed by "
+                    "checkpoint.allow_data_change)", where)
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 of what training reads (token ids, labels) in dataset order, from the Arrow
+    buffers: any change of file, tokenizer, template or mixing shows. Lengths and values are
+    hashed as two streams, so how Arrow happens to chunk the table does not matter."""
+    import pyarrow.compute as pc
+
+    h = hashlib.sha256()
+    table = dataset.data.table
+    for name in ("input_ids", "labels", "label"):
+        if name not in table.column_names:
+            continue
+        lengths, values = hashlib.sha256(), hashlib.sha256()
+        for chunk in table.column(name).chunks:
+            if hasattr(chunk, "offsets"):  # a list column: one row = a sequence
+                lengths.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+                               .astype(np.int64).tobytes())
+                chunk = chunk.flatten()
+            values.update(np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False)).tobytes())
+        h.update(name.encode() + lengths.digest() + values.digest())
+    if dataset._indices is not None:  # a select/shuffle view over the table
+        h.update(np.asarray(dataset._indices.column(0).combine_chunks()).astype(np.int64)
+                 .tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- safe loading
+
+PICKLED_SUFFIXES = (".pt", ".bin", ".pkl", ".pth")
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def safe_globals() -> list:
+    """What a checkpoint written by Accelerate or DeepSpeed may reference besides tensors and
+    plain containers (torch's own weights_only allow-list): numpy RNG state, and DeepSpeed's
+    loss scaler, ZeRO stage enum and fragment addresses. Data classes only; no callables."""
+    out = list(TORCH_SAFE_GLOBALS)
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # no DeepSpeed, no DeepSpeed checkpoints
+        return out
+    return out + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads(where: Path):
+    """Inside, every `torch.load` runs with weights_only=True and only `safe_globals()`: also
+    DeepSpeed's engine and zero_to_fp32, which ask for weights_only=False (torch's
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD wins over the argument). A file that would need any other
+    object is refused instead of executed."""
+    old = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{where}: refused to load a checkpoint file that holds more than tensors and plain "
+            f"data ({first[:200]}). It was tampered with or written by another program; loading "
+            "it could run code. Resume from another checkpoint (checkpoint.resume=PATH) or "
+            "start over with checkpoint.resume=never.") from None
+    finally:
+        if old is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = old
+
+
+def unsafe_content(path: Path) -> str | None:
+    """Why a pickled file of checkpoint `path` must not be loaded (an object outside the
+    allow-list, or not a torch zip file at all), else None. Static: reads the pickle opcodes,
+    not the tensors, and executes nothing."""
+    with torch.serialization.safe_globals(safe_globals()):
+        for f in sorted(path.rglob("*")):
+            if not (f.is_file() and f.suffix in PICKLED_SUFFIXES):
+                continue
+            name = f.relative_to(path)
+            try:
+                bad = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            except Exception as e:  # noqa: BLE001 - any parse failure means "not loadable"
+                return f"{name} is not a readable PyTorch file ({type(e).__name__}: {e})"
+            if bad:
+                return (f"{name} references {', '.join(bad[:3])}, which no checkpoint of ours "
+                        "holds: refusing to unpickle it (tampered with, or written by another "
+                        "program; loading it could run code)")
+    return None
 
 
 # --------------------------------------------------------------------------- verification
@@ -108,23 +251,61 @@ def _inventory(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
+def _marker_files(marker: Path) -> dict[str, tuple[int, str | None]] | str:
+    """The marker's {file: (size, sha256)}, or why it cannot be trusted (hand-made, damaged)."""
+    try:
+        files = json.loads(marker.read_text())["files"]
+        out = {}
+        for name, info in files.items():
+            digest = info.get("sha256")
+            if not isinstance(info["size"], int) or not isinstance(digest, (str, type(None))):
+                raise TypeError(f"bad entry for {name}")
+            out[str(name)] = (info["size"], digest)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return (f"unreadable COMPLETE marker ({type(e).__name__}: {e}; expected the JSON that "
+                "sft_scale writes, with a size and sha256 per file)")
+    if not out:
+        return "COMPLETE marker lists no files"
+    return out
+
+
 def verify(path: Path) -> str | None:
-    """None if `path` is a complete, intact checkpoint, else why not."""
+    """None if `path` is a complete, intact checkpoint whose pickled files hold only allowed
+    objects, else why not."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "not a folder"
     marker = path / MARKER
     if not marker.is_file():
         return "incomplete (no COMPLETE marker: the writer died or is still writing)"
-    try:
-        expected = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable COMPLETE marker ({e})"
-    for name, info in expected.items():
+    expected = _marker_files(marker)
+    if isinstance(expected, str):
+        return expected
+    for name, (size, digest) in expected.items():
         f = path / name
         if not f.is_file():
             return f"missing file {name}"
-        if f.stat().st_size != info["size"]:
-            return f"{name} has {f.stat().st_size} bytes, expected {info['size']} (truncated?)"
-        if info["sha256"] is not None and _file_digest(f) != info["sha256"]:
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
+        if digest is not None and _file_digest(f) != digest:
             return f"{name} checksum mismatch (corrupt)"
+    return unsafe_content(path) or _rng_problem(path)
+
+
+def _rng_problem(path: Path) -> str | None:
+    """Accelerate swallows an unreadable RNG file with an INFO line and resumes with the wrong
+    random state (no longer exact): check every rank's file here instead."""
+    for f in sorted(path.glob("random_states_*.pkl")):
+        try:
+            with weights_only_loads(path):
+                states = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - garbage, truncation, refused payload alike
+            return f"{f.name} is unreadable ({type(e).__name__}): corrupt RNG state"
+        if not isinstance(states, dict) or not {"random_state", "numpy_random_seed",
+                                                "torch_manual_seed"} <= set(states):
+            return f"{f.name} does not hold the RNG states Accelerate writes (corrupt?)"
     return None
 
 
@@ -179,7 +360,7 @@ def save_checkpoint(accelerator, scheduler, state, identity: dict, out_dir: Path
         prev = [p for p in list_checkpoints(out_dir) if p != final]
         raise CheckpointError(
             f"could not write the checkpoint for step {state.step} in {root}: "
-            f"{error or 'another rank failed'}{_diagnose(root, prev)}. Nothing was changed: the "
+            f"{error or 'another rank failed'}{diagnose_full_disk(root, prev)}. Nothing was changed: the "
             f"previous checkpoint "
             f"({prev[-1].name if prev else 'none'}) is intact. Free disk space or fix permissions, "
             "then rerun the same command to resume.") from error
@@ -190,7 +371,7 @@ def save_checkpoint(accelerator, scheduler, state, identity: dict, out_dir: Path
     return final
 
 
-def _diagnose(root: Path, previous: list[Path]) -> str:
+def diagnose_full_disk(root: Path, previous: list[Path]) -> str:
     """Library errors on a full disk can be cryptic ("unexpected pos ..."): say it plainly."""
     try:
         free = shutil.disk_usage(root).free
@@ -241,7 +422,10 @@ def find_resume_checkpoint(cfg: Config, out_dir: Path) -> Path | None:
         return None
     if choice != "auto":
         path = Path(choice)
-        problem = verify(path) if path.is_dir() else "not a folder"
+        if not path.exists():
+            raise ConfigError(f"checkpoint.resume={choice}: no such folder. Point it at a "
+                              "checkpoint (OUTPUT_DIR/checkpoints/step-N), or use auto or never.")
+        problem = verify(path)
         if problem:
             raise CheckpointError(f"checkpoint.resume={choice}: cannot resume from it: {problem}")
         return path
@@ -253,14 +437,47 @@ def find_resume_checkpoint(cfg: Config, out_dir: Path) -> Path | None:
     return None
 
 
+def read_state(path: Path) -> dict:
+    """trainer_state.json of checkpoint `path`, checked for the fields resume needs."""
+    f = path / STATE
+    try:
+        saved = json.loads(f.read_text())
+        step = saved["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step is {step!r}, expected a whole number >= 0")
+        for key in ("tokens_seen", "slots_seen", "losses", "scheduler", "identity"):
+            saved[key]  # noqa: B018 - presence check
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: unreadable trainer state ({type(e).__name__}: {e}); expected "
+                              "the JSON sft_scale writes. Resume from another checkpoint "
+                              "(checkpoint.resume=PATH) or start over (checkpoint.resume=never)."
+                              ) from None
+    return saved
+
+
+def check_resume(path: Path, identity: dict, total: int, allow_data_change: bool) -> dict:
+    """Everything that decides whether `path` can be resumed by this config, checked before the
+    run writes anything; returns the checkpoint's trainer state."""
+    saved = read_state(path)
+    check_compatible(saved["identity"], identity, path, allow_data_change)
+    if saved["step"] > total:
+        raise ConfigError(f"{path}: checkpoint is at step {saved['step']}, beyond this run's "
+                          f"{total} total steps (training.max_steps / training.num_epochs). "
+                          f"Set training.max_steps to at least {saved['step']}, or start over "
+                          "with checkpoint.resume=never.")
+    return saved
+
+
 def load_checkpoint(accelerator, path: Path, scheduler, state, identity: dict) -> None:
-    saved = json.loads((path / STATE).read_text())
-    check_compatible(saved["identity"], identity, path)
-    if _is_deepspeed(accelerator):
-        # Frozen weights were excluded on save; they come from the base model.
-        accelerator.load_state(str(path), load_module_strict=False)
-    else:
-        accelerator.load_state(str(path), strict=False)
+    saved = read_state(path)
+    check_compatible(saved["identity"], identity, path,
+                     allow_data=True)  # the data policy was applied by check_resume
+    with weights_only_loads(path):
+        if _is_deepspeed(accelerator):
+            # Frozen weights were excluded on save; they come from the base model.
+            accelerator.load_state(str(path), load_module_strict=False)
+        else:
+            accelerator.load_state(str(path), strict=False)
     scheduler.load_state_dict(saved["scheduler"])
     state.step = saved["step"]
     state.tokens_seen = saved["tokens_seen"]

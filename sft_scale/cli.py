@@ -11,6 +11,26 @@ from pathlib import Path
 
 from sft_scale.errors import ConfigError, run_reporting_errors
 
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (processes, nodes, GPUs, micro-batch): an int >= 1. A 0 would
+    divide by zero in the plan, or silently fall back to the config's value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port_arg(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 def _zero_arg(text: str):
     if text == "auto":
         return text
@@ -25,6 +45,8 @@ def cmd_train(args) -> int:
     from sft_scale.preflight import resolve_deepspeed
 
     cfg = load_config(args.config, args.overrides, args.output_dir)  # fail fast, before launching
+    if not 0 <= args.node_rank < args.nodes:
+        raise ConfigError(f"--node-rank {args.node_rank}: must be in [0, --nodes {args.nodes})")
     zero = args.zero if args.zero is not None else cfg.distributed.zero
     offload = args.offload or cfg.distributed.offload
     layout = Layout(nproc_per_node=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
@@ -82,8 +104,10 @@ def cmd_check(args) -> int:
                        gpu_memory=_memory_arg(args.gpu_memory) if args.gpu_memory else None)
     if args.json:
         print(json.dumps(report, indent=2))
-    print("check: ok" if report["disk_ok"] else "check: FAILED (disk)", flush=True)
-    return 0 if report["disk_ok"] else 1
+    failed = [what for what, ok in (("disk", report["disk_ok"]), ("memory", report["memory_ok"]))
+              if not ok]
+    print(f"check: FAILED ({', '.join(failed)})" if failed else "check: ok", flush=True)
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -105,18 +129,13 @@ def cmd_slurm(args) -> int:
     from sft_scale import slurm
 
     if args.slurm_command == "submit":
-        opts = slurm.SlurmOptions(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
-            partition=args.partition, account=args.account, qos=args.qos,
-            constraint=args.constraint, time=args.time, cpus_per_task=args.cpus_per_task,
-            mem=args.mem, job_name=args.job_name, extra_sbatch=args.extra_sbatch,
-            setup=args.setup, zero=args.zero, offload=args.offload,
-            deepspeed_config=args.deepspeed_config, signal_seconds=args.signal_seconds,
-            max_requeues=args.max_requeues)
-        slurm.submit(args.config, opts, args.overrides, args.output_dir, args.dry_run)
+        slurm.submit(args.config, slurm.options_from_args(args), args.overrides, args.output_dir,
+                     args.dry_run)
     elif args.slurm_command == "status":
         print(json.dumps(slurm.status(args.output_dir), indent=2))
     elif args.slurm_command == "logs":
+        if args.lines < 1:
+            raise ConfigError(f"-n/--lines {args.lines}: must be >= 1")
         lines = slurm.log_file(args.output_dir).read_text().splitlines()
         print("\n".join(lines[-args.lines:]))
     elif args.slurm_command == "cancel":
@@ -143,10 +162,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from sft_scale.builtin import resolve_model_path
     from sft_scale.config import DatasetSource, load_config
     from sft_scale.demo import DEMO_CONFIG
     from sft_scale.evaluate import eval_before_after, format_table
 
+    resolve_model_path(args.model, key="--model")  # a missing or uncached model, said in seconds
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {args.adapter}: no PEFT adapter there (no "
+                          "adapter_config.json); pass a run's OUTPUT_DIR/adapter or "
+                          "OUTPUT_DIR/best_adapter folder")
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     cfg.model.name_or_path = args.model
     cfg.eval.max_new_tokens = args.max_new_tokens
@@ -168,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="compose and run the accelerate launch line")
     config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs) per node")
+    p.add_argument("--nodes", type=positive_int, default=1, help="number of nodes")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rank-0 node address (multi-node)")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-port", type=_port_arg, default=29500)
     p.add_argument("--zero", type=_zero_arg, default=None,
                    help="DeepSpeed ZeRO stage 0-3 (ds_configs/zeroN.json) or auto (the stage "
                    "that fits, see `sft-scale plan`); default: the config's")
@@ -184,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-GPU memory of every ZeRO stage from the model config "
                        "alone; the stage and micro-batch that fit")
     config_args(p)
-    p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=1)
+    p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--gpu-memory", default="80GiB", help="per GPU, e.g. 80GiB, 24GiB, 40GB")
-    p.add_argument("--micro-batch", type=int, default=None,
+    p.add_argument("--micro-batch", type=positive_int, default=None,
                    help="default: the config's training.micro_batch_size")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
@@ -195,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate config, model, tokenizer, data sample, steps, "
                        "disk and the launch line, in seconds, before a cluster job")
     config_args(p)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=1, help="processes per node")
+    p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--zero", type=_zero_arg, default=None, help="default: the config's")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--deepspeed-config", default=None)
@@ -211,31 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("preview", help="tokenized examples with the trained part marked, "
                             "then statistics")
     config_args(p)
-    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.add_argument("-n", type=positive_int, default=3, help="examples to show")
     p.set_defaults(func=cmd_data_preview)
+
+    from sft_scale import slurm as slurm_options  # its dataclass declares the submit flags
 
     p = sub.add_parser("slurm", help="submit and follow SLURM jobs")
     slurm_sub = p.add_subparsers(dest="slurm_command", required=True)
     p = slurm_sub.add_parser("submit", help="render the sbatch script, keep it, submit it")
     config_args(p)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 for CPU-only nodes")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="training processes per node (default: GPUs per node, or 1)")
-    for name in ("partition", "account", "qos", "constraint", "time", "mem"):
-        p.add_argument(f"--{name}", default=None)
-    p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--job-name", default="sft-scale")
-    p.add_argument("--extra-sbatch", action="append", default=[], metavar="LINE",
-                   help="an extra #SBATCH option, e.g. --extra-sbatch=--exclusive (repeatable)")
-    p.add_argument("--setup", action="append", default=[], metavar="LINE",
-                   help="a shell line run before training, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--zero", type=_zero_arg, default=None)
-    p.add_argument("--offload", action="store_true")
-    p.add_argument("--deepspeed-config", default=None)
-    p.add_argument("--signal-seconds", type=int, default=120,
-                   help="USR1 this long before the time limit: checkpoint and requeue")
-    p.add_argument("--max-requeues", type=int, default=3)
+    slurm_options.add_arguments(p, types={"zero": _zero_arg})
     p.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     p.set_defaults(func=cmd_slurm)
     for name, text in (("status", "the last job's state and the run's status"),
@@ -268,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="held-out records (any supported format)")
     p.add_argument("--config", default=None, help="for data/template settings (optional)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--max-examples", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--max-examples", type=positive_int, default=200)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="tiny offline demo: evaluate, fine-tune, evaluate again")

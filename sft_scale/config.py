@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -137,6 +138,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
     resume: str = "auto"
+    # Resuming on training data that differs from the checkpoint's (another file, another
+    # tokenization) is refused unless this is true.
+    allow_data_change: bool = False
 
 
 @dataclass
@@ -148,6 +152,10 @@ class DistributedConfig:
     zero: Union[int, Literal["auto"], None] = None
     offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; wins over zero
+    # How long a collective may wait for the slowest rank before the process group gives up
+    # (torch.distributed / DeepSpeed init_distributed). Raise it when rank 0 does long work the
+    # others wait for (tokenizing a big dataset, writing a big checkpoint to a slow filesystem).
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -209,43 +217,40 @@ class Config:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
                 output_dir: str | None = None) -> Config:
-    """Read YAML, apply `--set a.b=value` overrides and `--output-dir`, validate, resolve paths."""
+    """Read YAML, apply `--set a.b=value` overrides and `--output-dir`, validate, resolve paths.
+    Every problem of the file is reported at once, each with its file:line and key."""
     raw: dict = {}
-    lines: dict[str, int] = {}
+    # Where each key was set: its line in the file, or the command-line flag that set it.
+    lines: dict[str, int | str] = {}
+    problems: list[Problem] = []
     src = str(path) if path is not None else "<defaults>"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found. Pass an existing YAML file, e.g. "
-                              "--config examples/demo.yaml")
-        text = p.read_text()
-        try:
-            node = yaml.compose(text)
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{src}: the top level must be a mapping of sections "
-                              f"({', '.join(_section_names())}), got {type(raw).__name__}")
-        _collect_lines(node, "", lines)
+        raw, lines, problems = _read_yaml_file(Path(path), src)
     for item in overrides or []:
-        _apply_override(raw, item)
+        lines[_apply_override(raw, item)] = f"--set {item}"
     if output_dir is not None:
         raw.setdefault("output", {})
         if not isinstance(raw["output"], dict):
             raise ConfigError(f"{src}: 'output' must be a mapping")
         raw["output"]["dir"] = output_dir
-    cfg = _build(Config, raw, "", src, lines)
+        lines["output.dir"] = f"--output-dir {output_dir!r}"
+    cfg = _build(Config, raw, "", problems)
     cfg.source = str(Path(path).resolve()) if path is not None else None
     _resolve_paths(cfg)
-    validate(cfg, src)
+    bad = {p.key for p in problems}
+    # A key whose value was refused is left at its default; checking that default would only
+    # add a second, confusing message for the same key.
+    problems += [p for p in check_values(cfg) if p.key not in bad]
+    raise_problems(problems, src, lines)
     return cfg
 
 
 def config_from_dict(d: dict, source: str = "<saved config>") -> Config:
     """A Config from its `to_dict()` form (e.g. a run's manifest), validated the same way."""
-    cfg = _build(Config, {k: v for k, v in d.items() if k != "resolved"}, "", source, {})
-    validate(cfg, source)
+    problems: list[Problem] = []
+    cfg = _build(Config, {k: v for k, v in d.items() if k != "resolved"}, "", problems)
+    bad = {p.key for p in problems}
+    raise_problems(problems + [p for p in check_values(cfg) if p.key not in bad], source, None)
     return cfg
 
 
@@ -253,20 +258,127 @@ def _section_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
 
 
-def _collect_lines(node, prefix: str, out: dict[str, int]) -> None:
+# ------------------------------------------------------------------ reading YAML safely
+
+# Anchors and aliases are fine in a config (`<<: *defaults`), but each alias use copies its
+# anchor's whole subtree wherever the config is walked; nested aliases multiply (a 352-byte file
+# with 9 levels is 9^9 values) and a self-reference never ends. A real config expands to a few
+# hundred values, so these bounds only stop files that are not configs.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+# libyaml when PyYAML was built with it: the pure-Python scanner is quadratic in nesting depth
+# (3 KB of '[' take seconds) and its composer recurses per level; libyaml caps depth at 1000.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _read_yaml_file(p: Path, src: str) -> tuple[dict, dict[str, int], list[Problem]]:
+    if not p.is_file():
+        raise ConfigError(f"{src}: config file not found. Pass an existing YAML file, e.g. "
+                          "--config examples/demo.yaml")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read the config file ({e.strerror}); check its "
+                          "permissions") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{src}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); save the config as UTF-8") from None
+    raw, lines, problems = parse_yaml(text, src)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections "
+                          f"({', '.join(_section_names())}), got {type(raw).__name__}")
+    return raw, lines, problems
+
+
+def parse_yaml(text: str, src: str) -> tuple[Any, dict[str, int], list[Problem]]:
+    """(value, line of each dotted key, duplicate-key problems). Raises ConfigError for text
+    that is not YAML, an alias that refers to itself, or aliases that expand beyond any config.
+    Aliases are checked on the node graph before anything walks the loaded value."""
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: not valid YAML: {e}") from None
+    except RecursionError:  # without libyaml, the composer recurses once per nesting level
+        raise ConfigError(f"{src}: the YAML nests deeper than {MAX_YAML_DEPTH} levels; no config "
+                          "is that deep") from None
+    lines: dict[str, int] = {}
+    problems: dict[tuple[int, int], Problem] = {}
+    if node is not None:
+        size = _expanded_size(node, {}, set(), src)
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"{src}: the YAML expands to more than {MAX_YAML_VALUES:,} values "
+                              "(aliases '*name' copy their anchor '&name' at "
+                              "every use, and nested ones multiply); write the values out or use "
+                              "fewer nested aliases")
+        _walk_nodes(node, "", lines, problems)
+    try:
+        value = yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: not valid YAML: {e}") from None
+    return value, lines, list(problems.values())
+
+
+def _expanded_size(node, memo: dict[int, int], ancestors: set[int], src: str) -> int:
+    """How many values the node graph has once every alias is expanded, computed once per node
+    (so a bomb costs its size in bytes, not its expansion); refuses self-references and depth."""
+    if id(node) in memo:
+        return memo[id(node)]
+    line = node.start_mark.line + 1
+    if id(node) in ancestors:
+        raise ConfigError(f"{src}:{line}: an alias refers to the anchor that contains it (a "
+                          "recursive structure), which no config value can be; write the value "
+                          "out instead")
+    if len(ancestors) >= MAX_YAML_DEPTH:
+        raise ConfigError(f"{src}:{line}: the YAML nests deeper than {MAX_YAML_DEPTH} levels; "
+                          "no config is that deep")
+    children = []
     if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    ancestors.add(id(node))
+    # Capped so that the sum of a bomb's sizes stays a small int.
+    size = min(1 + sum(_expanded_size(c, memo, ancestors, src) for c in children),
+               MAX_YAML_VALUES + 1)
+    ancestors.discard(id(node))
+    memo[id(node)] = size
+    return size
+
+
+def _walk_nodes(node, prefix: str, out: dict[str, int], problems: dict) -> None:
+    """Record each dotted key's line, expanding aliases as the loaded value will be walked
+    (bounded by _expanded_size first), and find keys given twice in one mapping (YAML would
+    silently keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                _walk_nodes(v, prefix, out if isinstance(v, yaml.MappingNode) else {}, problems)
+                continue
             key = f"{prefix}{k.value}"
-            out[key] = k.start_mark.line + 1
-            _collect_lines(v, key + ".", out)
+            kline = k.start_mark.line + 1
+            if k.value in seen:
+                problems[(seen[k.value], kline)] = Problem(key, (
+                    f"'{key}' is given twice, at lines {seen[k.value]} and {kline}; YAML would "
+                    "silently keep only the last. Keep one of them (merge the two if it is a "
+                    "section)"))
+            seen[k.value] = kline
+            out[key] = kline
+            _walk_nodes(v, key + ".", out, problems)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             key = f"{prefix.rstrip('.')}[{i}]"
             out[key] = v.start_mark.line + 1
-            _collect_lines(v, key + ".", out)
+            _walk_nodes(v, key + ".", out, problems)
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
+    """Set `raw`'s dotted key from `--set KEY=VALUE`; returns the key."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, "
                           "e.g. --set training.max_steps=6")
@@ -274,10 +386,10 @@ def _apply_override(raw: dict, item: str) -> None:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {item!r}: the key must be SECTION.FIELD, e.g. training.max_steps")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    parsed, _, dups = parse_yaml(value, f"--set {item!r}") if value.strip() \
+        else ("", {}, [])
+    if dups:
+        raise ConfigError(f"--set {item!r}: {dups[0].message}")
     node = raw
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
@@ -285,20 +397,58 @@ def _apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"--set {item!r}: '{p}' is not a section")
         node = nxt
     node[parts[-1]] = parsed
+    return ".".join(parts)
 
 
-def _where(src: str, lines: dict[str, int], key: str) -> str:
+@dataclass(frozen=True)
+class Problem:
+    """One failing key: its dotted name (to find its line) and what is wrong and how to fix it."""
+
+    key: str
+    message: str
+
+
+def raise_problems(problems: list[Problem], src: str,
+                   lines: dict[str, int | str] | None) -> None:
+    """One ConfigError listing every problem, in file order, each with its file:line or flag
+    (`lines` None: the values came from neither a file nor flags, e.g. a saved manifest)."""
+    if not problems:
+        return
+
+    def order(p: Problem) -> int:
+        line = (lines or {}).get(p.key)
+        return line if isinstance(line, int) else 1 << 30
+
+    ordered = sorted(problems, key=order)
+    msgs = [f"{_where(src, lines, p.key)}: {p.message}" for p in ordered]
+    if len(msgs) == 1:
+        raise ConfigError(msgs[0])
+    raise ConfigError(f"{len(msgs)} problems in {src}:\n  " + "\n  ".join(msgs))
+
+
+def _where(src: str, lines: dict[str, int | str] | None, key: str) -> str:
+    if lines is None:
+        return src
     line = lines.get(key)
     if line is None:
-        # Overrides have no line; say so, so the user does not hunt through the YAML.
-        return f"{src} (or a --set override)" if src != "<defaults>" else "--set override"
-    return f"{src}:{line}"
+        # A key inside a value set by a flag (--set data.datasets=[{...}]) points at the flag.
+        flag = next((v for k, v in lines.items() if isinstance(v, str)
+                     and (key.startswith(k + ".") or key.startswith(k + "["))), None)
+        if flag:
+            return flag
+        # A default that conflicts with another key: name the file, not a line.
+        return src if src != "<defaults>" else "the defaults"
+    return line if isinstance(line, str) else f"{src}:{line}"
 
 
-def _build(cls, raw: Any, prefix: str, src: str, lines: dict[str, int]):
+def _build(cls, raw: Any, prefix: str, problems: list[Problem]):
+    """The dataclass `cls` from `raw`; a key that is unknown or of the wrong type is added to
+    `problems` and left at its default, so one pass finds every bad key of the file."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(src, lines, prefix.rstrip('.'))}: '{prefix.rstrip('.')}' must "
-                          f"be a mapping of keys, got {type(raw).__name__} {raw!r}")
+        problems.append(Problem(prefix.rstrip("."), (
+            f"'{prefix.rstrip('.')}' must be a mapping of keys, got {type(raw).__name__} "
+            f"{raw!r}")))
+        return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
@@ -307,19 +457,24 @@ def _build(cls, raw: Any, prefix: str, src: str, lines: dict[str, int]):
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
-            raise ConfigError(f"{_where(src, lines, dotted)}: unknown key '{dotted}'{hint} "
-                              f"Valid keys here: {', '.join(fields)}")
+            problems.append(Problem(dotted, f"unknown key '{dotted}'{hint} Valid keys here: "
+                                            f"{', '.join(fields)}"))
+            continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", src, lines)
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted + ".", problems)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             if not isinstance(value, list):
-                raise ConfigError(f"{_where(src, lines, dotted)}: '{dotted}' expects a list of "
-                                  f"mappings, got {type(value).__name__} {value!r}")
-            kwargs[key] = [_build(typing.get_args(tp)[0], v, f"{dotted}[{i}].", src, lines)
+                problems.append(Problem(dotted, f"'{dotted}' expects a list of mappings, got "
+                                                f"{type(value).__name__} {value!r}"))
+                continue
+            kwargs[key] = [_build(typing.get_args(tp)[0], v, f"{dotted}[{i}].", problems)
                            for i, v in enumerate(value)]
         else:
-            kwargs[key] = _coerce(value, tp, dotted, _where(src, lines, dotted))
+            try:
+                kwargs[key] = _coerce(value, tp, dotted)
+            except ConfigError as e:
+                problems.append(Problem(dotted, str(e)))
     return cls(**kwargs)
 
 
@@ -336,15 +491,22 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp, key: str, where: str):
-    """Check `value` against the annotation; allow the lossless int->float widening only."""
+class _NotFinite(ConfigError):
+    """inf/nan where a number is expected: clearer than 'expects float' for a float value."""
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation; allow the lossless int->float widening only.
+    Floats must be finite: no setting means anything at inf or nan (an lr of inf trains a NaN
+    adapter, epochs of inf never end)."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: '{key}' expects {_type_name(tp)}, got "
-                      f"{type(value).__name__} {value!r}")
+    bad = ConfigError(f"'{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(value, arg, key, where)
+                return _coerce(value, arg, key)
+            except _NotFinite:
+                raise
             except ConfigError:
                 continue
         raise bad
@@ -356,13 +518,13 @@ def _coerce(value: Any, tp, key: str, where: str):
         if value in typing.get_args(tp):
             return value
         near = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
-        raise ConfigError(f"{where}: '{key}' expects {_type_name(tp)}, got {value!r}"
+        raise ConfigError(f"'{key}' expects {_type_name(tp)}, got {value!r}"
                           + (f"; did you mean {near[0]!r}?" if near else ""))
     if origin is list:
         if not isinstance(value, list):
             raise bad
         (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -372,15 +534,16 @@ def _coerce(value: Any, tp, key: str, where: str):
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
             # YAML 1.1 reads "2e-4" as a string; accept it, it is what everyone writes.
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise _NotFinite(f"'{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -407,56 +570,103 @@ def _resolve_paths(cfg: Config) -> None:
         cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
 
 
-def validate(cfg: Config, src: str = "<config>") -> None:
-    """Value checks that types alone cannot express; each says how to fix it."""
-    t = cfg.training
+SEED_LIMIT = 2 ** 32  # numpy's seed range, which accelerate's set_seed also seeds
+MAX_EPOCHS = 1e6  # beyond this, epochs x examples overflows the step count's arithmetic
+
+
+def check_values(cfg: Config) -> list[Problem]:
+    """Value checks that types alone cannot express, every one of them (not just the first);
+    each message says what was expected and how to fix it. Types are checked from the
+    annotations when loading, and floats must be finite, so a new field gets those for free;
+    add its range check here."""
+    t, lora = cfg.training, cfg.lora
     checks = [
+        (0 <= t.seed < SEED_LIMIT, "training.seed", "must be in [0, 2^32)"),
         (t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1"),
         (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1"),
         (t.max_steps >= 0, "training.max_steps", "must be >= 0 (0 derives it from num_epochs)"),
         (t.max_steps > 0 or t.num_epochs > 0, "training.num_epochs",
          "must be > 0 when training.max_steps is 0"),
+        (t.num_epochs <= MAX_EPOCHS, "training.num_epochs",
+         f"must be at most {MAX_EPOCHS:g}; for a long run set training.max_steps"),
         (t.learning_rate > 0, "training.learning_rate", "must be > 0"),
+        (t.weight_decay >= 0, "training.weight_decay", "must be >= 0"),
+        (0.0 <= t.adam_beta1 < 1.0, "training.adam_beta1", "must be in [0, 1), e.g. 0.9"),
+        (0.0 <= t.adam_beta2 < 1.0, "training.adam_beta2", "must be in [0, 1), e.g. 0.999"),
+        (t.adam_epsilon > 0, "training.adam_epsilon", "must be > 0, e.g. 1e-8"),
         (0.0 <= t.warmup_ratio < 1.0, "training.warmup_ratio", "must be in [0, 1)"),
         (t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0"),
+        (t.max_steps == 0 or t.warmup_steps <= t.max_steps, "training.warmup_steps",
+         f"({t.warmup_steps}) is beyond training.max_steps ({t.max_steps}): the learning rate "
+         "would never reach training.learning_rate. Lower it, or use warmup_ratio"),
         (t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables clipping)"),
         (t.logging_steps >= 1, "training.logging_steps", "must be >= 1"),
+        (bool(cfg.model.name_or_path.strip()), "model.name_or_path",
+         "must name a model folder, a hub id or builtin:tiny-llama"),
+        (bool(cfg.output.dir.strip()), "output.dir",
+         "must name a folder; an empty one would write the run into the current directory"),
         (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0"),
         (cfg.eval.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1"),
+        (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+        (cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
         (cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8"),
-        (cfg.lora.r >= 1, "lora.r", "must be >= 1"),
-        (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+        (lora.r >= 1, "lora.r", "must be >= 1"),
+        (lora.alpha > 0, "lora.alpha",
+         "must be > 0 (the adapter's scale is alpha / r), e.g. 2 * r"),
+        (0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+        (lora.target_modules != [] and lora.target_modules != "", "lora.target_modules",
+         "must name at least one module, or be 'all-linear'"),
         (bool(cfg.data.train_files or cfg.data.datasets), "data.train_files",
          "(or data.datasets) must name at least one training file, e.g. [train.jsonl]"),
         (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
         (cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1"),
+        (0 < cfg.distributed.timeout_minutes <= 1440, "distributed.timeout_minutes",
+         "must be > 0 and at most 1440 (a day)"),
     ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise ConfigError(f"{src}: '{key}' {msg}")
+    problems = [Problem(key, f"'{key}' {msg}") for ok, key, msg in checks if not ok]
+
+    def refuse(key: str, msg: str) -> None:
+        problems.append(Problem(key, msg))
+
     if cfg.quantization.load_in_8bit and not cfg.lora.enabled:
-        raise ConfigError(f"{src}: 'quantization.load_in_8bit' with 'lora.enabled: false' would "
-                          "fine-tune frozen int8 weights. Enable LoRA, or drop 8-bit for full "
-                          "fine-tuning.")
+        refuse("quantization.load_in_8bit", "'quantization.load_in_8bit' with 'lora.enabled: "
+               "false' would fine-tune frozen int8 weights. Enable LoRA, or drop 8-bit for full "
+               "fine-tuning.")
     if cfg.task == "classification" and cfg.data.packing is True:
-        raise ConfigError(f"{src}: 'data.packing' is for causal_lm: a classification head reads "
-                          "one example per row. Set data.packing: false.")
+        refuse("data.packing", "'data.packing' is for causal_lm: a classification head reads "
+               "one example per row. Set data.packing: false.")
     if cfg.task == "causal_lm" and cfg.eval.metric in ("accuracy", "f1"):
-        raise ConfigError(f"{src}: 'eval.metric: {cfg.eval.metric}' needs task: classification; "
-                          "use eval_loss for causal_lm")
+        refuse("eval.metric", f"'eval.metric: {cfg.eval.metric}' needs task: classification; "
+               "use eval_loss for causal_lm")
     if cfg.distributed.zero is not None and cfg.distributed.zero not in (0, 1, 2, 3, "auto"):
-        raise ConfigError(f"{src}: 'distributed.zero' must be 0, 1, 2, 3 or auto")
+        refuse("distributed.zero", "'distributed.zero' must be 0, 1, 2, 3 or auto")
     if cfg.distributed.offload and cfg.distributed.zero == "auto":
-        raise ConfigError(f"{src}: 'distributed.offload' is chosen by 'distributed.zero: auto' "
-                          "(offload only when nothing fits without it); drop offload, or set "
-                          "distributed.zero: 2 or 3 to force offload")
+        refuse("distributed.offload", "'distributed.offload' is chosen by 'distributed.zero: "
+               "auto' (offload only when nothing fits without it); drop offload, or set "
+               "distributed.zero: 2 or 3 to force offload")
     if cfg.distributed.offload and cfg.distributed.zero not in (2, 3) \
             and not cfg.distributed.deepspeed_config:
-        raise ConfigError(f"{src}: 'distributed.offload: true' needs DeepSpeed ZeRO-2 or ZeRO-3 "
-                          "(set distributed.zero: 2 or 3); offload moves ZeRO-partitioned "
-                          "optimizer state to CPU memory")
+        refuse("distributed.offload", "'distributed.offload: true' needs DeepSpeed ZeRO-2 or "
+               "ZeRO-3 (set distributed.zero: 2 or 3); offload moves ZeRO-partitioned optimizer "
+               "state to CPU memory")
+    return problems
+
+
+def validate(cfg: Config, src: str = "<config>") -> None:
+    """Raise one ConfigError naming every value problem of `cfg` (see check_values)."""
+    raise_problems(check_values(cfg), src, None)
+
+
+def check_warmup(cfg: Config, total_steps: int) -> None:
+    """Once the total steps are known (from the data when training.max_steps is 0): refuse a
+    warmup that never ends, before anything is written."""
+    if cfg.training.warmup_steps > total_steps:
+        raise ConfigError(
+            f"'training.warmup_steps' ({cfg.training.warmup_steps}) is beyond the run's "
+            f"{total_steps} steps: the learning rate would never reach training.learning_rate. "
+            "Lower it, or use training.warmup_ratio")
 
 
 def dump_yaml(cfg: Config, extra: dict | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 
@@ -19,8 +20,11 @@ def make_accelerator(cfg: Config, ds_config: dict | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    handlers, cpu, plugin = [], False, None
+    cpu, plugin = False, None
     no_gpu = not torch.cuda.is_available()
+    # One timeout for every collective (torch.distributed, and DeepSpeed's init_distributed, which
+    # Accelerate hands the same kwargs); describe() prints it.
+    group = {"timeout": timedelta(minutes=cfg.distributed.timeout_minutes)}
     if ds_config is not None:
         # DeepSpeed comes in through the plugin whatever launched us (accelerate's DeepSpeed
         # launcher, its torchrun path, plain torchrun, or one plain process), so multi-node jobs
@@ -31,7 +35,7 @@ def make_accelerator(cfg: Config, ds_config: dict | None = None):
             # Without a GPU no backend is chosen under DeepSpeed and every rank then believes it
             # is rank 0 of 1 (duplicated data, duplicated writes). gloo is the CPU backend;
             # Accelerator(cpu=True) would instead silently drop DeepSpeed.
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group["backend"] = "gloo"
     elif world_size_from_env() > 1 and no_gpu:
         # A plain multi-process launch on CPU is only data-parallel (gradients all-reduced)
         # as MULTI_CPU, which Accelerate selects for cpu=True.
@@ -42,7 +46,7 @@ def make_accelerator(cfg: Config, ds_config: dict | None = None):
     accum = GradientAccumulationPlugin(num_steps=cfg.training.gradient_accumulation_steps,
                                        sync_with_dataloader=False)
     return Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_plugin=accum,
-                       deepspeed_plugin=plugin, kwargs_handlers=handlers)
+                       deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(**group)])
 
 
 def _default_single_process_env() -> None:
@@ -57,6 +61,8 @@ def _default_single_process_env() -> None:
 
 
 def describe(accelerator) -> str:
+    timeout = accelerator.init_handler.timeout.total_seconds() / 60
     return (f"distributed: {accelerator.distributed_type.value}, world size "
             f"{accelerator.num_processes}, rank {accelerator.process_index}, device "
-            f"{accelerator.device}")
+            f"{accelerator.device}, process-group timeout {timeout:g} min "
+            "(distributed.timeout_minutes)")

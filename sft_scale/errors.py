@@ -3,7 +3,8 @@ a single line on stderr for `train.py` and `cli.py` alike.
 
 Exit codes (README, "Exit codes"): 0 done, 2 bad config or data (nothing written), 3 a write
 failed (checkpoint, adapter, model: the previous checkpoint is intact), 4 merge/export could not
-produce a verified output, 5 the cluster refused or could not be reached, 75 preempted (requeue).
+produce a verified output, 5 the cluster refused or could not be reached, 6 the loss became
+NaN/inf (the last good checkpoint is kept), 75 preempted (requeue).
 Anything else is a bug and keeps its traceback.
 """
 
@@ -53,6 +54,13 @@ class MergeError(SftScaleError, RuntimeError):
 
     exit_code = 4
     label = "merge error"
+
+
+class DivergedError(SftScaleError, RuntimeError):
+    """The training loss became NaN or infinite; nothing after the last checkpoint was kept."""
+
+    exit_code = 6
+    label = "training diverged"
 
 
 class ClusterError(SftScaleError, RuntimeError):

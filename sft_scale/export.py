@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.checkpoint import find_resume_checkpoint, verify
+from sft_scale.checkpoint import find_resume_checkpoint, verify, weights_only_loads
 from sft_scale.config import Config, ConfigError, config_from_dict
 from sft_scale.io_utils import atomic_dir
 from sft_scale.merge import check_output
@@ -26,12 +26,13 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained weights of a checkpoint, consolidated to full fp32 tensors."""
     ds_tag = ckpt / "pytorch_model"
     if ds_tag.is_dir():
-        # DeepSpeed's own consolidation of (possibly ZeRO-3-partitioned) weights; it reads the
-        # engine's files with torch.load, which is acceptable only because these files are our
-        # own run's checkpoint, never a downloaded one.
+        # DeepSpeed's own consolidation of (possibly ZeRO-3-partitioned) weights. It asks
+        # torch.load for full unpickling; weights_only_loads overrides that, so a tampered file
+        # is refused instead of run.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
-                                                      exclude_frozen_parameters=True)
+        with weights_only_loads(ckpt):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
+                                                          exclude_frozen_parameters=True)
     else:
         from safetensors.torch import load_file
         sd = load_file(str(ckpt / "model.safetensors"))
@@ -44,19 +45,20 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
 
     run, out_path = Path(run_dir), Path(out)
     cfg = run_config(run)
-    check_output(out_path, overwrite)
+    base = resolve_model_path(cfg.model.name_or_path)
+    check_output(out_path, overwrite, {"training run": run, "base model": Path(base),
+                                       "checkpoint": Path(checkpoint) if checkpoint else None})
     if checkpoint:
         ckpt = Path(checkpoint)
         problem = verify(ckpt)
         if problem:
-            raise ConfigError(f"{ckpt}: not a usable checkpoint: {problem}")
+            raise ConfigError(f"--checkpoint {ckpt}: not a usable checkpoint: {problem}")
     else:
         cfg.checkpoint.resume = "auto"
         ckpt = find_resume_checkpoint(cfg, run)
         if ckpt is None:
             raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
     state = checkpoint_state_dict(ckpt)
-    base = resolve_model_path(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model_config = AutoConfig.from_pretrained(base)
 

@@ -16,9 +16,9 @@ def model_config(cfg: Config):
 
     from sft_scale.builtin import resolve_model_path
 
+    path = resolve_model_path(cfg.model.name_or_path, cfg.model.revision)  # a clear ConfigError
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
-                                          revision=cfg.model.revision,
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError):
         return None

@@ -11,6 +11,7 @@ import torch
 from sft_scale.config import Config
 from sft_scale.data import GlobalBatchSampler
 from sft_scale.data.collate import to_device
+from sft_scale.errors import DivergedError
 from sft_scale.metrics import MetricsWriter, peak_memory_mb
 
 
@@ -103,6 +104,15 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
         optimizer.zero_grad(set_to_none=True)
 
         loss = accelerator.reduce(step_loss, reduction="sum").item()
+        if not math.isfinite(loss):
+            # The step already wrote NaN/inf into the weights: stop before anything saves them.
+            # Every rank sees the same reduced loss, so all stop together.
+            raise DivergedError(
+                f"the training loss became {loss} at step {state.step + 1} (learning rate "
+                f"{scheduler.get_last_lr()[0]:.3g}); stopped without saving anything after the "
+                "last good checkpoint (in OUTPUT_DIR/checkpoints). Lower training.learning_rate "
+                "or check the data for broken records, then start over (a resume of this run "
+                "would diverge again).")
         state.step += 1
         state.tokens_seen += n_real
         state.slots_seen += n_slots

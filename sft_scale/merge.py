@@ -34,10 +34,45 @@ PROBE_PROMPTS = ["Review: the soup was awful\nSentiment:", "Hello, my name is",
                  "The capital of France is"]
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """`--out` must be a folder that is none of the inputs (`{"adapter": path, ...}`), holds
+    none and lies inside none, whatever --overwrite says: replacing it must never delete what
+    the command reads (a base's weights, a run's checkpoints)."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        src = Path(path).resolve()
+        relation = ("is" if target == src else "contains" if src.is_relative_to(target)
+                    else "lies inside" if target.is_relative_to(src) else None)
+        if relation:
+            raise ConfigError(f"--out {out} {relation} the {what} {path}, an input of this "
+                              "command; writing there would destroy it (--overwrite does not "
+                              "change this). Choose an --out outside it, e.g. a sibling folder.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder. Choose a folder path "
+                          "for --out, or remove the file.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it, or choose "
                           "another --out")
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        ok = convert_file_size_to_int(max_shard_size) > 0
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB, "
+                          "500MB or 2GiB (a number and a unit).")
+
+
+def run_dir_of(adapter: Path) -> Path | None:
+    """The training output dir an adapter lives in (it holds the run's manifest), if any."""
+    parent = adapter.resolve().parent
+    return parent if (parent / "manifest.json").is_file() else None
 
 
 def check_disk(out: Path, need_bytes: int) -> None:
@@ -75,23 +110,60 @@ def _probe_inputs(tokenizer) -> dict:
 
 
 @torch.no_grad()
-def _logits_and_greedy(model, inputs, tokenizer) -> tuple[torch.Tensor, list[list[int]]]:
+def _logits_and_greedy(model, inputs, tokenizer, generate: bool = True
+                       ) -> tuple[torch.Tensor, list[list[int]]]:
     model.eval()
     logits = model(**inputs).logits.float()
+    if not generate:
+        return logits, []
     gen = model.generate(**inputs, max_new_tokens=8, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return logits, gen[:, inputs["input_ids"].shape[1]:].tolist()
 
 
+def _model_class(classifier: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+
+
+def _classifier_head(adapter: Path, tokenizer) -> dict:
+    """The head a classification adapter was trained with (PEFT saves it with the adapter as
+    `...score.weight`): its size, and its label names from the run's manifest when present."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        heads = [k for k in f.keys() if k.endswith(("score.weight", "classifier.weight"))]
+        if not heads:
+            raise ConfigError(f"{adapter}: a sequence-classification adapter without its head "
+                              "(no score.weight in adapter_model.safetensors); it cannot be "
+                              "merged into a working classifier. Export it again from the run.")
+        n = f.get_slice(heads[0]).get_shape()[0]
+    head = {"num_labels": n, "pad_token_id": tokenizer.pad_token_id}
+    run = run_dir_of(adapter)
+    manifest = json.loads((run / "manifest.json").read_text()) if run else {}
+    labels = (manifest.get("resolved") or {}).get("data", {}).get("labels") or []
+    problem = (manifest.get("resolved") or {}).get("problem")
+    names = labels[1:] if problem == "binary" else labels
+    if len(names) == n:
+        head.update(id2label=dict(enumerate(names)), label2id={x: i for i, x in enumerate(names)})
+    if problem == "multi_label":  # sigmoid per label at inference; the others are read by argmax
+        head["problem_type"] = "multi_label_classification"
+    return head
+
+
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp32",
           max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     adapter, out_path = Path(adapter_dir), Path(out)
+    check_shard_size(max_shard_size)
     acfg = read_adapter(adapter)
-    check_output(out_path, overwrite)
     base_path = resolve_model_path(base or acfg["base_model_name_or_path"])
+    check_output(out_path, overwrite, {"adapter": adapter, "base model": Path(base_path),
+                                       "training run": run_dir_of(adapter)})
+    classifier = acfg.get("task_type") == "SEQ_CLS"
+    model_cls = _model_class(classifier)
     check_disk(out_path, param_count(base_path) * DTYPES[dtype].itemsize)
 
     tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_path)
@@ -103,8 +175,9 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
-                                                 use_safetensors=True)
+    head = _classifier_head(adapter, tokenizer) if classifier else {}
+    model = model_cls.from_pretrained(base_path, dtype=DTYPES[dtype], use_safetensors=True,
+                                      **head)
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:
@@ -114,25 +187,28 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
                              "The adapter was trained on another base; pass the right --base.") from None
         raise
     inputs = _probe_inputs(tokenizer)
-    ref_logits, ref_gen = _logits_and_greedy(model, inputs, tokenizer)
+    ref_logits, ref_gen = _logits_and_greedy(model, inputs, tokenizer, generate=not classifier)
     merged = model.merge_and_unload()
-    logits, gen = _logits_and_greedy(merged, inputs, tokenizer)
-    mask = inputs["attention_mask"].bool()
+    logits, gen = _logits_and_greedy(merged, inputs, tokenizer, generate=not classifier)
+    # Classification logits are one row per sequence; LM logits one per (real) token.
+    mask = slice(None) if classifier else inputs["attention_mask"].bool()
     diff = (logits[mask] - ref_logits[mask]).abs().max().item()
     report = {"base": base_path, "adapter": str(adapter), "dtype": dtype,
+              "kind": "sequence classification" if classifier else "causal LM",
               "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype],
-              "greedy_generations_equal": gen == ref_gen}
+              "greedy_generations_equal": None if classifier else gen == ref_gen}
     log.info("merge verification: %s", report)
     if diff > TOLERANCE[dtype]:
         raise MergeError(f"merged model disagrees with base+adapter: max |logit diff| {diff:.3g} "
                          f"> {TOLERANCE[dtype]} ({dtype}); nothing was written")
-    if gen != ref_gen:
+    if not classifier and gen != ref_gen:
         log.warning("greedy generations differ between merged and base+adapter (near-tied "
                     "logits at %s precision); logits agree within tolerance", dtype)
 
-    merged.generation_config = _generation_config(adapter, merged.generation_config,
-                                                  saved_tokenizer)
-    report["generation_eos_token_id"] = merged.generation_config.eos_token_id
+    if not classifier:
+        merged.generation_config = _generation_config(adapter, merged.generation_config,
+                                                      saved_tokenizer)
+        report["generation_eos_token_id"] = merged.generation_config.eos_token_id
     with atomic_dir(out_path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         _add_rope_theta(tmp / "config.json")
@@ -147,8 +223,8 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
         (tmp / "README.md").write_text(model_card(report, adapter))
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
         # Reload what was written (all shards) before it replaces anything.
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype])
-        check, _ = _logits_and_greedy(reloaded, inputs, tokenizer)
+        reloaded = model_cls.from_pretrained(tmp, dtype=DTYPES[dtype])
+        check, _ = _logits_and_greedy(reloaded, inputs, tokenizer, generate=False)
         if not torch.equal(check, logits):
             raise MergeError("the saved merged model does not reload to the merged logits; "
                              "nothing was written")

@@ -16,7 +16,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 
 def load_tokenizer(cfg: Config):
-    path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
+                              "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     tok = open_tokenizer(path, revision=cfg.model.revision,
                          trust_remote_code=cfg.model.trust_remote_code)
     if tok.eos_token is None:
@@ -66,7 +67,7 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
 
     from sft_scale.attention import load_attn_implementation
 
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                   dtype=DTYPES[cfg.model.dtype], attn_implementation=load_attn_implementation(cfg),
                   use_safetensors=True)
@@ -126,8 +127,8 @@ def wrap_lora(model, cfg: Config):
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
-        raise ValueError(f"lora.target_modules={lc.target_modules!r} does not fit this model "
-                         f"({e}). Linear layers it has: {names}; or use 'all-linear'.") from None
+        raise ConfigError(f"lora.target_modules={lc.target_modules!r} does not fit this model "
+                          f"({e}). Linear layers it has: {names}; or use 'all-linear'.") from None
 
 
 def compile_model(model) -> int:

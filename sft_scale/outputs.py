@@ -13,17 +13,25 @@
                              SLURM job, and one entry per attempt (start, end, how it ended)
       checkpoints/           step-N/ folders (see checkpoint.py)
       data_trace/rankN.jsonl the examples each rank trained on (output.trace_samples)
+      .run.lock              held by rank 0 while a run writes here (host, pid, start time)
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import torch
 
 from sft_scale.config import Config, ConfigError, dump_yaml
-from sft_scale.io_utils import atomic_dir, atomic_write_json, atomic_write_text
+from sft_scale.errors import OutputWriteError
+from sft_scale.io_utils import apply_umask, atomic_dir, atomic_write_json, atomic_write_text
+
+LOCK = ".run.lock"
 
 FINISHED_MARKERS = ("adapter", "model")
 
@@ -42,6 +50,98 @@ def refuse_finished(out_dir: Path) -> None:
                       "Choose another --output-dir, or --set output.overwrite=true to replace it.")
 
 
+def check_writable(out_dir: Path) -> None:
+    """Before any weights load: the output dir (and its checkpoints/) must be a folder this
+    process can create files in. Tried for real, as permissions alone do not show read-only
+    mounts, and root ignores them."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output dir {out_dir} exists and is a file, not a folder. Choose "
+                          "another --output-dir, or remove the file.")
+    existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    for folder in [existing] + [out_dir / sub for sub in ("checkpoints", "adapter", "model")
+                                if (out_dir / sub).is_dir()]:
+        if not folder.is_dir():
+            raise ConfigError(f"output dir {out_dir}: {folder} is a file, not a folder. Choose "
+                              "another --output-dir.")
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output dir {out_dir}: cannot create files in {folder} "
+                              f"({e.strerror or e}). Make it writable, or choose another "
+                              "--output-dir.") from None
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (tells a live holder from a reused pid)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    started = _process_start(pid)
+    return started is None or holder.get("proc_start") in (None, started)
+
+
+def acquire_run_lock(out_dir: Path) -> Path:
+    """An exclusive lock on `out_dir` for this run (rank 0 only), released at exit. A lock left
+    by a dead process of this host is taken over; one held by a live process, or by another
+    host (whose processes cannot be checked from here), is refused, except that a requeued SLURM
+    job takes over the lock of its own earlier attempt (same job id: SLURM never runs both)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = out_dir / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
+          "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if not isinstance(holder, dict):
+                holder = {}
+            same_job = me["slurm_job_id"] is not None \
+                and holder.get("slurm_job_id") == me["slurm_job_id"]
+            if same_job or (holder.get("host") == me["host"] and not _alive(holder)):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise ConfigError(
+                f"output dir {out_dir} is in use by another run (host {holder.get('host', '?')}, "
+                f"pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}; lock "
+                f"file {lock}). Wait for it, choose another --output-dir, or delete the lock "
+                "file if that run is certainly gone.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_run_lock, lock)
+        return lock
+    raise ConfigError(f"could not take the run lock {lock}: it keeps reappearing; another run "
+                      "is starting in the same output dir.")
+
+
+def release_run_lock(lock: Path) -> None:
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def start_run_dir(out_dir: Path, cfg: Config, resolved: dict, ds_config: dict | None,
                   resume_step: int | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +150,7 @@ def start_run_dir(out_dir: Path, cfg: Config, resolved: dict, ds_config: dict | 
         atomic_write_json(out_dir / "deepspeed.resolved.json", ds_config)
     metrics = out_dir / "metrics.jsonl"
     if resume_step is None or not metrics.exists():
-        metrics.write_text("")
+        atomic_write_text(metrics, "")
     else:
         # Steps after the checkpoint will be trained again: drop their lines.
         keep = [x for x in metrics.read_text().splitlines()
@@ -120,4 +220,5 @@ def save_probe(accelerator, model, dataset, pad_token_id: int, out_dir: Path, n:
                    "logits": logits.float().cpu().contiguous()}
         tmp = out_dir / ".probe.safetensors.tmp"
         save_file(tensors, str(tmp))
+        apply_umask(tmp)
         tmp.replace(out_dir / "probe.safetensors")

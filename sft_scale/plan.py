@@ -63,7 +63,12 @@ def _model_config(src):
 
     name = src.model.name_or_path
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(name), revision=src.model.revision,
+        path = resolve_model_path(name, src.model.revision)  # names what is missing, and the fix
+    except ConfigError as e:
+        raise ConfigError(f"{e}. (Planning needs only the model's config.json: --set "
+                          "model.name_or_path=/path/to/config.json also works)") from None
+    try:
+        return AutoConfig.from_pretrained(path, revision=src.model.revision,
                                           trust_remote_code=src.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(
@@ -115,7 +120,8 @@ def _build_shape(mc) -> ModelShape:
         chunked_loss_ok=chunked_unsupported(mc) is None)
 
 
-def _matches(name: str, key: str) -> bool:
+def matches_module(name: str, key: str) -> bool:
+    """PEFT's rule for a target_modules list entry: the full name, or its dotted suffix."""
     return name == key or name.endswith("." + key)
 
 
@@ -128,10 +134,13 @@ def lora_targets(shape: ModelShape, target_modules) -> list[str]:
     elif isinstance(target_modules, str):
         found = [n for n in names if re.fullmatch(target_modules, n)]
     else:
-        found = [n for n in names if any(_matches(n, t) for t in target_modules)]
+        found = [n for n in names if any(matches_module(n, t) for t in target_modules)]
     if not found:
-        raise ValueError(f"lora.target_modules={target_modules!r} matches no Linear layer; "
-                         f"this model has {sorted({n.rsplit('.', 1)[-1] for n in names})}")
+        from sft_scale.config import ConfigError
+
+        raise ConfigError(f"lora.target_modules={target_modules!r} matches no Linear layer; "
+                          f"this model has {sorted({n.rsplit('.', 1)[-1] for n in names})} "
+                          "(or use 'all-linear')")
     return found
 
 
@@ -140,7 +149,7 @@ def lora_params(shape: ModelShape, lora) -> int:
     n = sum(lora.r * (shape.linear_shapes[t][0] + shape.linear_shapes[t][1])
             for t in lora_targets(shape, lora.target_modules))
     return n + sum(c for name, c in shape.module_params.items()
-                   if any(_matches(name, k) for k in lora.modules_to_save))
+                   if any(matches_module(name, k) for k in lora.modules_to_save))
 
 
 def dtype_bytes(cfg, shape: ModelShape) -> int:

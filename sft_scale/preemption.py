@@ -2,13 +2,17 @@
 
 The handler only sets a flag, so a second signal during the save changes nothing; the ranks agree
 on stopping through an all-reduce, so they all save the same step even when only one was
-signalled.
+signalled. Until the first step of this attempt has finished there is nothing new to save, and
+that step may be the slow one (model loading, a compile, a huge batch): a signal then exits at
+once with the same code, the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 
 import torch
 
@@ -22,6 +26,17 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Preemption:
     def __init__(self):
         self.received: list[str] = []
+        self.pid = os.getpid()
+        self.immediate = True  # until the saves at the end: stop at once if no step was made
+        self.state, self.start_step = None, None
+
+    def track(self, state) -> None:
+        """Watch the loop's state: once its step moved past `state.step` there is progress to
+        save, and a signal waits for the end of the step."""
+        self.state, self.start_step = state, state.step
+
+    def _made_progress(self) -> bool:
+        return self.state is not None and self.state.step != self.start_step
 
     def install(self) -> "Preemption":
         for sig in SIGNALS:
@@ -31,6 +46,15 @@ class Preemption:
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         self.received.append(name)
+        if self.immediate and not self._made_progress() and os.getpid() == self.pid:
+            # (the pid check: forked DataLoader workers inherit this handler)
+            # SystemExit, not an Exception: library code that catches broadly (model loading)
+            # must not swallow it; `finally` blocks and atexit (the run lock) still run.
+            print(f"preempted: {name} received before the first step of this attempt "
+                  "finished: nothing new to checkpoint; stopped at once (any previous "
+                  "checkpoint is intact). Rerun the same command to resume.", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         if len(self.received) == 1:
             log.warning("%s received: finishing this step, then checkpoint and exit", name)
         else:

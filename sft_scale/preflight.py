@@ -13,6 +13,7 @@ from sft_scale.config import Config, ConfigError
 from sft_scale.deepspeed_config import (launcher_ds_file, ds_config_path, load_ds_config,
                                         resolve_ds_config, zero_stage)
 from sft_scale.distributed import world_size_from_env
+from sft_scale.plan import estimate, format_table, lora_targets, matches_module, model_shape
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,45 @@ def model_hidden_size(cfg: Config) -> int | None:
 
     from sft_scale.builtin import resolve_model_path
 
-    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path, cfg.model.revision),
                                     revision=cfg.model.revision,
                                     trust_remote_code=cfg.model.trust_remote_code)
     return getattr(mc, "hidden_size", None) or getattr(mc, "d_model", None)
+
+
+def check_lora_fits(cfg: Config, mc) -> None:
+    """`lora.target_modules` must name modules this model has, and `lora.r` must not exceed the
+    dimensions of the layers it adapts: checked on the model built on the meta device from its
+    config (`mc`), before any weights load. A model class we cannot build here is left to PEFT."""
+    if not cfg.lora.enabled or mc is None:
+        return
+    try:
+        shape = model_shape(mc)
+    except (ValueError, KeyError, TypeError):
+        return
+    targets = cfg.lora.target_modules
+    names = [n for n in shape.module_params if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in shape.linear_shapes if n != shape.output_head})
+    if isinstance(targets, list):
+        unknown = [t for t in targets if not any(matches_module(n, t) for n in names)]
+        if unknown:
+            raise ConfigError(
+                f"'lora.target_modules': {', '.join(map(repr, unknown))} names no module of this "
+                f"{mc.model_type} model. Its Linear layers are: {', '.join(leaves)}; or use "
+                "'all-linear'")
+        # PEFT also adapts embeddings; the rank bound below is about the Linear layers.
+        linears = [n for n in shape.linear_shapes if any(matches_module(n, t) for t in targets)]
+        if not linears:
+            return
+    else:
+        linears = lora_targets(shape, targets)  # ConfigError when the pattern matches no Linear
+    smallest = min(linears, key=lambda n: min(shape.linear_shapes[n][:2]))
+    d_in, d_out, _ = shape.linear_shapes[smallest]
+    if cfg.lora.r > min(d_in, d_out):
+        raise ConfigError(
+            f"'lora.r' ({cfg.lora.r}) is larger than the layers it adapts: {smallest} maps "
+            f"{d_in} -> {d_out}, so a rank above {min(d_in, d_out)} adds parameters and no "
+            f"capacity. Set lora.r to at most {min(d_in, d_out)}")
 
 
 def device_memory_bytes() -> tuple[int, str]:
@@ -47,8 +83,6 @@ def device_memory_bytes() -> tuple[int, str]:
 def resolve_auto_zero(cfg: Config, world_size: int, memory: int | None = None) -> None:
     """`distributed.zero: auto` -> the stage (and offload) sft-scale plan recommends for this
     world size and device, written into cfg. Every rank sees the same devices, so all agree."""
-    from sft_scale.plan import estimate, format_table
-
     where = "the --gpu-memory given"
     if memory is None:
         memory, where = device_memory_bytes()

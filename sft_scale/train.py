@@ -23,8 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from sft_scale.config import Config, dump_yaml, load_config
-from sft_scale.errors import run_reporting_errors
+from sft_scale.config import Config, ConfigError, check_warmup, dump_yaml, load_config
+from sft_scale.errors import OutputWriteError, SftScaleError, run_reporting_errors
 from sft_scale.loop import LoopState
 
 log = logging.getLogger("sft_scale")
@@ -68,7 +68,7 @@ def run(cfg: Config) -> dict:
     from sft_scale.fastpaths import model_config, resolve_fast_paths
     from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
-    from sft_scale.preflight import resolve_deepspeed
+    from sft_scale.preflight import check_lora_fits, resolve_deepspeed
     from sft_scale.builtin import resolve_model_path
     from sft_scale.data.templates import resolve_template
     from sft_scale.serving import for_training
@@ -84,7 +84,9 @@ def run(cfg: Config) -> dict:
     out_dir = Path(cfg.output.dir)
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
     # What auto means here (attention, loss) and whether each switch can work, before any weights.
-    fast = resolve_fast_paths(cfg, stage, model_config(cfg))
+    mc = model_config(cfg)
+    fast = resolve_fast_paths(cfg, stage, mc)
+    check_lora_fits(cfg, mc)  # target modules and rank against the model, before its weights
     identity = ckpt.run_identity(cfg, world, stage)
 
     # 1. Is there anything to do, and from where?
@@ -97,9 +99,8 @@ def run(cfg: Config) -> dict:
             print(f"run in {out_dir} already completed; nothing to do", flush=True)
         summary = json.loads((out_dir / "summary.json").read_text())
         return dict(summary, ended="already_completed")
-    if cfg.output.overwrite and main_proc:
-        shutil.rmtree(ckpt.checkpoint_root(out_dir), ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if main_proc:
+        outputs.check_writable(out_dir)
     resume_from = None if cfg.output.overwrite else ckpt.find_resume_checkpoint(cfg, out_dir)
 
     # 2. Data, validated before anything is written.
@@ -107,6 +108,12 @@ def run(cfg: Config) -> dict:
     with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
         train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
     steps = total_steps(cfg, len(train_ds), world)
+    check_warmup(cfg, steps)
+    _check_micro_batch(cfg, len(train_ds))
+    identity["data_fingerprint"] = ckpt.data_fingerprint(train_ds)
+    resume_step = ckpt.check_resume(resume_from, identity, steps,
+                                    cfg.checkpoint.allow_data_change)["step"] \
+        if resume_from else None
     labels = data_stats.labels
     if cfg.task == "classification":
         multi = isinstance(train_ds[0]["label"], list)
@@ -120,8 +127,11 @@ def run(cfg: Config) -> dict:
                 "total_steps": steps, "data": data_stats.as_dict(),
                 "distributed_type": accelerator.distributed_type.value, "zero_stage": stage,
                 "fast_paths": fast}
-    resume_step = json.loads((resume_from / ckpt.STATE).read_text())["step"] if resume_from \
-        else None
+    if main_proc:  # the first write: everything above only read and checked
+        outputs.acquire_run_lock(out_dir)
+        if cfg.output.overwrite:
+            shutil.rmtree(ckpt.checkpoint_root(out_dir), ignore_errors=True)
+    accelerator.wait_for_everyone()
     if main_proc:
         log.info(describe(accelerator))
         print("resolved config:\n" + dump_yaml(cfg, resolved), flush=True)
@@ -131,6 +141,7 @@ def run(cfg: Config) -> dict:
         outputs.start_run_dir(out_dir, cfg, resolved, ds_config, resume_step)
     accelerator.wait_for_everyone()
     attempt = attempt_record(accelerator, str(resume_from) if resume_from else None)
+    guard = _write_guard(outputs, out_dir, attempt, main_proc)
     if main_proc:
         prior = outputs.read_manifest(out_dir) or {}
         outputs.update_manifest(
@@ -159,6 +170,7 @@ def run(cfg: Config) -> dict:
     state = LoopState()
     if resume_from is not None:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity)
+    preemption.track(state)
 
     # 4. The loop; checkpoints on schedule and on preemption.
     grouped = fast["group_by_length"]
@@ -185,7 +197,8 @@ def run(cfg: Config) -> dict:
         value = res[cfg.eval.metric]
         if improved(cfg.eval.metric, value, st.best):
             st.best = {"step": st.step, "metric": cfg.eval.metric, "value": value}
-            outputs.save_model(accelerator, model, serving, cfg, out_dir, name="best_adapter")
+            guard("best adapter", outputs.save_model, accelerator, model, serving, cfg, out_dir,
+                  name="best_adapter")
         return res
     debug_sleep = float(os.environ.get("SFT_SCALE_DEBUG_STEP_SLEEP", "0"))  # tests: slow steps
 
@@ -197,17 +210,18 @@ def run(cfg: Config) -> dict:
         if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < steps:
             run_eval(st)
         if every and st.step % every == 0 and st.step < steps:
-            ckpt.save_checkpoint(accelerator, scheduler, st, identity, out_dir,
-                                 cfg.checkpoint.keep_last)
+            guard("checkpoint", ckpt.save_checkpoint, accelerator, scheduler, st, identity,
+                  out_dir, cfg.checkpoint.keep_last)
         return False
 
-    state = train_loop(accelerator, model, optimizer, scheduler, train_ds, sampler, cfg, steps,
-                       metrics, tokenizer.pad_token_id, task, state=state, trace=trace,
-                       on_step_end=on_step_end)
+    state = guard("training", train_loop, accelerator, model, optimizer, scheduler, train_ds,
+                  sampler, cfg, steps, metrics, tokenizer.pad_token_id, task, state=state,
+                  trace=trace, on_step_end=on_step_end)
+    preemption.immediate = False  # from here on a signal waits for the saves below
     preempted = state.step < steps
     final_eval = None if preempted else run_eval(state)
-    ckpt.save_checkpoint(accelerator, scheduler, state, identity, out_dir,
-                         cfg.checkpoint.keep_last, reason="preempted" if preempted else "final")
+    guard("checkpoint", ckpt.save_checkpoint, accelerator, scheduler, state, identity, out_dir,
+          cfg.checkpoint.keep_last, reason="preempted" if preempted else "final")
     if preempted:
         if main_proc:
             attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -221,8 +235,10 @@ def run(cfg: Config) -> dict:
 
     # 5. Save: adapter (or full model), tokenizer, probe logits, summary.
     accelerator.wait_for_everyone()
-    outputs.save_model(accelerator, model, serving, cfg, out_dir)
-    outputs.save_probe(accelerator, model, train_ds, tokenizer.pad_token_id, out_dir)
+    guard("final adapter" if cfg.lora.enabled else "final model", outputs.save_model,
+          accelerator, model, serving, cfg, out_dir)
+    guard("probe logits", outputs.save_probe, accelerator, model, train_ds,
+          tokenizer.pad_token_id, out_dir)
     elapsed = time.time() - started
     summary = {"ended": "completed", "steps": state.step,
                "first_loss": state.losses[0] if state.losses else None,
@@ -237,13 +253,60 @@ def run(cfg: Config) -> dict:
     if main_proc:
         if cfg.logging.plot:
             plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        outputs.finish_run_dir(out_dir, summary)
+        guard("summary", outputs.finish_run_dir, out_dir, summary)
         attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended="completed")
         _finish_attempt(outputs, out_dir, attempt, "completed")
         print("summary: " + json.dumps(summary), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _check_micro_batch(cfg: Config, n_examples: int) -> None:
+    """A micro-batch larger than the data would be filled by repeating it, and one of 100M rows
+    never finishes a step: refuse before any weights load."""
+    micro = cfg.training.micro_batch_size
+    if micro > n_examples:
+        raise ConfigError(f"{cfg.source or 'config'}: training.micro_batch_size is {micro}, more "
+                          f"than the {n_examples} training rows (examples, or packed rows with "
+                          f"packing). Set training.micro_batch_size to at most {n_examples}, and "
+                          "raise gradient_accumulation_steps for a larger global batch.")
+
+
+def _write_guard(outputs, out_dir: Path, attempt: dict, main_proc: bool):
+    """`guard(what, fn, *args)` runs a step that writes; when it fails (full disk, read-only
+    folder, a checkpoint write, a diverged loss) the manifest records how the attempt ended and
+    the failure leaves as one line with its exit code (3 for writes)."""
+    from safetensors import SafetensorError
+
+    from sft_scale import checkpoint as ckpt
+
+    def record(error: SftScaleError) -> None:
+        if not main_proc:
+            return
+        attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       ended=f"failed: {error.label}: {error}")
+        try:
+            _finish_attempt(outputs, out_dir, attempt, "failed")
+        except OSError:
+            log.warning("could not record the failure in %s/manifest.json either", out_dir)
+
+    def guard(what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SftScaleError as e:
+            record(e)
+            raise
+        except (OSError, SafetensorError) as e:
+            good = [p.name for p in ckpt.list_checkpoints(out_dir) if ckpt.verify(p) is None]
+            error = OutputWriteError(
+                f"could not write the {what} in {out_dir}: {e}"
+                f"{ckpt.diagnose_full_disk(out_dir, [])}. The last good checkpoint "
+                f"({good[-1] if good else 'none'}) is intact. Free disk space or fix "
+                "permissions, then rerun the same command to resume from it.")
+            record(error)
+            raise error from e
+    return guard
 
 
 def _finish_attempt(outputs, out_dir: Path, attempt: dict, status: str) -> None:

@@ -3,6 +3,13 @@
 Both "nodes" (n1, n2) are slurmd daemons on 127.0.0.1 with their own ports, spool folders and
 pid files. Needs root (munged runs as user munge, the daemons as root). Start/stop from Python
 or the shell: `python tests/slurm_cluster.py start DIR` / `stop DIR`.
+
+Where cgroup v1 controllers are mounted and writable (as on these machines), the cluster tracks
+and binds processes the way production clusters do: proctrack/cgroup (signals other than KILL
+reach only each step's task, not the processes it started) and task/cgroup + task/affinity
+binding tasks to cores (a step gets one CPU per task unless srun asks for more). Elsewhere it
+falls back to proctrack/linuxproc and no binding (signals reach every process), and says so in
+`LocalSlurm.cgroup`.
 """
 
 from __future__ import annotations
@@ -29,8 +36,7 @@ SlurmctldPidFile={d}/slurmctld.pid
 SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+{tracking}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
@@ -48,6 +54,30 @@ NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={p1} CPUs=2 RealMemory=8
 NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={p2} CPUs=2 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
+
+
+CGROUP_TRACKING = """\
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup,task/affinity
+TaskPluginParam=Cores"""
+PLAIN_TRACKING = """\
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none"""
+CGROUP_CONF = """\
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+CgroupAutomount=no
+ConstrainCores=yes
+ConstrainRAMSpace=no
+ConstrainDevices=no
+"""
+
+
+def cgroup_v1_usable() -> bool:
+    """The controllers Slurm's cgroup/v1 plugin needs, mounted and writable."""
+    root = Path("/sys/fs/cgroup")
+    return all((root / c).is_dir() and os.access(root / c, os.W_OK)
+               for c in ("cpuset", "freezer", "memory", "devices"))
 
 
 def available() -> str | None:
@@ -70,6 +100,7 @@ class LocalSlurm:
     def __init__(self, base: Path):
         self.base = Path(base)
         self.env = dict(os.environ, SLURM_CONF=str(self.base / "slurm.conf"))
+        self.cgroup = cgroup_v1_usable()
 
     def run(self, *cmd, check=True) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check,
@@ -81,8 +112,11 @@ class LocalSlurm:
         for sub in ("state", "spool"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]
+        if self.cgroup:
+            (self.base / "cgroup.conf").write_text(CGROUP_CONF)
         (self.base / "slurm.conf").write_text(CONF.format(
-            host=host, d=self.base, ctld_port=_free_port(), p1=_free_port(), p2=_free_port()))
+            host=host, d=self.base, ctld_port=_free_port(), p1=_free_port(), p2=_free_port(),
+            tracking=CGROUP_TRACKING if self.cgroup else PLAIN_TRACKING))
         self.run("slurmctld", "-c")  # -c: start from a clean state
         self.run("slurmd", "-N", "n1")
         self.run("slurmd", "-N", "n2")

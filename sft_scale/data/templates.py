@@ -6,6 +6,12 @@ it); we only add the fallbacks and find where each assistant turn sits in the re
 
 from __future__ import annotations
 
+import difflib
+
+import jinja2
+
+from sft_scale.errors import ConfigError
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -17,24 +23,52 @@ LLAMA3 = (
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 NAMED = {"chatml": CHATML, "llama3": LLAMA3}
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
 def resolve_template(tokenizer, choice: str) -> str:
-    """The Jinja template to use for `data.chat_template` = auto | tokenizer | a name | Jinja."""
+    """The Jinja template to use for `data.chat_template` = auto | tokenizer | a name | Jinja,
+    checked: it compiles, and renders a probe conversation inside the sandbox."""
     own = getattr(tokenizer, "chat_template", None)
     if choice == "auto":
-        return own or CHATML
-    if choice == "tokenizer":
+        template = own or CHATML
+    elif choice == "tokenizer":
         if not own:
-            raise ValueError("data.chat_template: 'tokenizer' but this tokenizer has no chat "
-                             f"template; use one of {sorted(NAMED)} or 'auto'")
-        return own
-    if choice in NAMED:
-        return NAMED[choice]
-    if "{%" in choice or "{{" in choice:
-        return choice
-    raise ValueError(f"data.chat_template: {choice!r} is not 'auto', 'tokenizer', one of "
-                     f"{sorted(NAMED)}, nor Jinja text")
+            raise ConfigError("'data.chat_template: tokenizer' but this tokenizer has no chat "
+                              f"template; use one of {sorted(NAMED)} or 'auto'")
+        template = own
+    elif choice in NAMED:
+        template = NAMED[choice]
+    elif "{%" in choice or "{{" in choice:
+        template = choice
+    else:
+        near = difflib.get_close_matches(choice, list(NAMED), n=1)
+        raise ConfigError(f"'data.chat_template': {choice!r} is not 'auto', 'tokenizer', one of "
+                          f"{sorted(NAMED)}, nor Jinja text"
+                          + (f"; did you mean {near[0]!r}?" if near else ""))
+    check_template(tokenizer, template, "the tokenizer's chat template"
+                   if template is own else "'data.chat_template'")
+    return template
+
+
+def check_template(tokenizer, template: str, what: str) -> None:
+    """Render a two-turn probe as training will: a template that does not compile, or that the
+    sandbox blocks (transformers renders chat templates in Jinja's ImmutableSandboxedEnvironment,
+    which refuses e.g. attribute access to Python internals or mutating lists), fails here with
+    the reason, not as a traceback inside data preprocessing."""
+    try:
+        render(tokenizer, template, PROBE, add_generation_prompt=False)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{what} does not compile as Jinja: {e.message} (line {e.lineno} of "
+                          "the template). Fix the template, or use one of "
+                          f"{sorted(NAMED)}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise ConfigError(f"{what} is blocked by the chat-template sandbox: "
+                          f"{str(e).rstrip('.')}. Templates may only format the messages; "
+                          "remove that construct, or use one of "
+                          f"{sorted(NAMED)}") from None
+    except jinja2.TemplateError:
+        pass  # e.g. raise_exception() for a conversation shape the template refuses: data's call
 
 
 def fallback_warning(tokenizer, choice: str) -> str | None:

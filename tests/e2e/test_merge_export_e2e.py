@@ -14,7 +14,7 @@ from tests.conftest import ROOT, run_train
 
 pytestmark = pytest.mark.slow
 
-SMALL = ("training.max_steps=4", "training.micro_batch_size=4")
+SMALL = ("training.max_steps=4", "training.micro_batch_size=4", "training.warmup_steps=0")
 
 
 def cli(*args, check=True):
