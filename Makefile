@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	# instead of letting pip fetch another (CUDA, several GB) torch into an isolated build env.
 	$(PIP) install --no-build-isolation "deepspeed>=0.17"
 	$(PIP) install -e ".[dev]"
+	# llama.cpp's GGUF converter, from llama-cpp-python's pinned source package (sft_scale/gguf_export.py).
+	$(VENV)/bin/sft-scale gguf setup
 	touch $@
 
 $(FIXTURE_SOURCES)/.complete: tests/fetch_sources.py

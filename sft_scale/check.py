@@ -105,7 +105,9 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     kept = stats.examples / len(sample)
     n_examples = max(1, int(n_total * kept))
     steps = total_steps(cfg, n_examples, layout.world_size)
-    check_warmup(cfg, steps)
+    warmup_warning = check_warmup(cfg, steps)
+    if warmup_warning:
+        print(f"WARNING: {warmup_warning}")
     per_epoch = max(1, -(-n_examples // gb))
     report.update(records=n_total, sampled=len(sample), est_examples=n_examples,
                   avg_tokens=round(avg, 1), steps_per_epoch=per_epoch, total_steps=steps,

@@ -71,6 +71,7 @@ def _without_volatile(cfg: Config) -> Config:
     c.checkpoint.allow_data_change = False
     c.training.max_steps, c.training.num_epochs = 0, 0.0
     c.checkpoint.every_steps, c.checkpoint.keep_last = 0, 0
+    c.checkpoint.resume_world_size_change = "convert"
     return c
 
 
@@ -103,7 +104,11 @@ def _refused_changes(saved: dict, current: dict, allow_data: bool) -> list[str]:
             if saved.get(k) != current.get(k) and not k.startswith(applied)]
 
 
-def check_compatible(saved: dict, current: dict, where: Path, allow_data: bool = False) -> None:
+def check_compatible(saved: dict, current: dict, where: Path, allow_data: bool = False,
+                     on_world_change: str = "refuse") -> bool:
+    """Raises ConfigError when `current` cannot resume `saved`; True when it can only through a
+    universal conversion (a DeepSpeed checkpoint, another world size, `on_world_change` convert)."""
+    reshard = False
     fresh = "Use a fresh --output-dir, or --set checkpoint.resume=never to start over."
     for key, what in (("model", "base model"), ("lora", "LoRA shape"),
                       ("load_in_8bit", "quantization")):
@@ -112,9 +117,17 @@ def check_compatible(saved: dict, current: dict, where: Path, allow_data: bool =
                               f"this config has {current.get(key)!r}. {fresh}")
     if saved.get("world_size") != current.get("world_size"):
         if saved.get("zero_stage") is not None or current.get("zero_stage") is not None:
-            raise ConfigError(f"{where}: DeepSpeed checkpoint written by {saved['world_size']} "
-                              f"processes cannot be resharded to {current['world_size']}. Resume "
-                              f"with {saved['world_size']} processes.")
+            if on_world_change != "convert" or saved.get("zero_stage") is None \
+                    or current.get("zero_stage") is None:
+                raise ConfigError(
+                    f"{where}: DeepSpeed checkpoint written by {saved['world_size']} processes "
+                    f"(ZeRO stage {saved.get('zero_stage')}); this run has "
+                    f"{current['world_size']} (stage {current.get('zero_stage')}). Resume with "
+                    f"{saved['world_size']} processes, or under DeepSpeed set "
+                    "checkpoint.resume_world_size_change=convert to reshard it through "
+                    "DeepSpeed's universal checkpoint (" + MANUAL_UNIVERSAL.format(path=where)
+                    + ").")
+            reshard = True
     if saved.get("global_batch_size") != current.get("global_batch_size"):
         # The data position is a function of the step and the global batch.
         raise ConfigError(f"{where}: checkpoint used a global batch of "
@@ -141,6 +154,7 @@ def check_compatible(saved: dict, current: dict, where: Path, allow_data: bool =
                 + "), or --set checkpoint.allow_data_change=true to continue on the new data.")
         log.warning("%s: training data changed since the checkpoint (allowed by "
                     "checkpoint.allow_data_change)", where)
+    return reshard
 
 
 def data_fingerprint(dataset) -> str:
@@ -455,11 +469,12 @@ def read_state(path: Path) -> dict:
     return saved
 
 
-def check_resume(path: Path, identity: dict, total: int, allow_data_change: bool) -> dict:
+def check_resume(path: Path, identity: dict, total: int, allow_data_change: bool,
+                 on_world_change: str = "refuse") -> dict:
     """Everything that decides whether `path` can be resumed by this config, checked before the
     run writes anything; returns the checkpoint's trainer state."""
     saved = read_state(path)
-    check_compatible(saved["identity"], identity, path, allow_data_change)
+    check_compatible(saved["identity"], identity, path, allow_data_change, on_world_change)
     if saved["step"] > total:
         raise ConfigError(f"{path}: checkpoint is at step {saved['step']}, beyond this run's "
                           f"{total} total steps (training.max_steps / training.num_epochs). "
@@ -468,14 +483,18 @@ def check_resume(path: Path, identity: dict, total: int, allow_data_change: bool
     return saved
 
 
-def load_checkpoint(accelerator, path: Path, scheduler, state, identity: dict) -> None:
+def load_checkpoint(accelerator, path: Path, scheduler, state, identity: dict,
+                    on_world_change: str = "refuse") -> None:
     saved = read_state(path)
-    check_compatible(saved["identity"], identity, path,
-                     allow_data=True)  # the data policy was applied by check_resume
+    reshard = check_compatible(saved["identity"], identity, path, allow_data=True,  # (applied
+                               on_world_change=on_world_change)  # by check_resume)
     with weights_only_loads(path):
         if _is_deepspeed(accelerator):
             # Frozen weights were excluded on save; they come from the base model.
-            accelerator.load_state(str(path), load_module_strict=False)
+            if reshard:
+                _load_universal(accelerator, to_universal(accelerator, path))
+            else:
+                accelerator.load_state(str(path), load_module_strict=False)
         else:
             accelerator.load_state(str(path), strict=False)
     scheduler.load_state_dict(saved["scheduler"])
@@ -485,6 +504,72 @@ def load_checkpoint(accelerator, path: Path, scheduler, state, identity: dict) -
     state.losses = list(saved["losses"])
     state.best = saved.get("best")
     log.info("resumed from %s at step %d", path, state.step)
+
+
+# The manual route, should the automatic conversion fail (or be refused).
+MANUAL_UNIVERSAL = ("manually: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                    "{path}/pytorch_model --output_folder {path}/universal/pytorch_model "
+                    "--inject_missing_state, then "
+                    "resume with checkpoint.resume_world_size_change=convert, which loads it with "
+                    "DeepSpeed's checkpoint.load_universal")
+UNIVERSAL = "universal"
+
+
+def to_universal(accelerator, path: Path) -> Path:
+    """`path/universal`, holding DeepSpeed's universal form of the checkpoint's engine state
+    (`ds_to_universal`: fp32 master weights and Adam moments per parameter, unpartitioned),
+    which any number of processes can load. Rank 0 converts once, the others wait; the
+    checkpoint's own files are not changed (its COMPLETE marker lists only them), and a finished
+    conversion is reused by later attempts."""
+    out = Path(path) / UNIVERSAL
+    done = out / MARKER
+    error = None
+    if accelerator.is_main_process and not done.is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = Path(path) / f".{UNIVERSAL}-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint for %d processes (DeepSpeed "
+                 "ds_to_universal)", path, accelerator.num_processes)
+        try:
+            # One worker: serial, so it runs anywhere (no process pool inside a launched rank).
+            ds_to_universal(Namespace(
+                input_folder=str(Path(path) / "pytorch_model"),
+                output_folder=str(tmp / "pytorch_model"), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                # Only Megatron-style clients record universal_checkpoint_info; DeepSpeed's
+                # converter adds the version stamp for everyone else with this flag.
+                inject_missing_state=True))
+            atomic_write_json(tmp / MARKER, {"from": str(path)})
+            os.rename(tmp, out)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, not hang
+            error = e
+            shutil.rmtree(tmp, ignore_errors=True)
+    failed = accelerator.reduce(torch.tensor([1.0 if error else 0.0], device=accelerator.device),
+                                reduction="sum").item()
+    if failed:
+        raise CheckpointError(
+            f"{path}: converting to DeepSpeed's universal checkpoint failed "
+            f"({error or 'on rank 0'}). Resume with the original number of processes, or convert "
+            + MANUAL_UNIVERSAL.format(path=path) + ".") from error
+    return out
+
+
+def _load_universal(accelerator, folder: Path) -> None:
+    """The engine reads `checkpoint.load_universal` only while loading, so it is switched on
+    for this load alone (the next save writes an ordinary checkpoint). The per-rank RNG states
+    of another world size cannot be mapped onto this one: Accelerate reports them missing and
+    the run keeps its seeded RNG (only dropout masks differ from an uninterrupted run)."""
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    engine._config.load_universal_checkpoint = True
+    try:
+        accelerator.load_state(str(folder), load_module_strict=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    log.info("resumed through the universal checkpoint %s on %d processes", folder,
+             accelerator.num_processes)
 
 
 def keep_trainable_only(accelerator, model) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from sft_scale.errors import ConfigError, run_reporting_errors
+from sft_scale.gguf_export import OUTTYPES, export_gguf, require_converter
 
 
 def positive_int(text: str) -> int:
@@ -125,6 +126,19 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from sft_scale.config import load_config
+    from sft_scale.data.prepared import prepare
+    from sft_scale.model import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides, args.output_dir)
+    path, stats, written = prepare(cfg, load_tokenizer(cfg), force=args.force)
+    print(f"prepared data in {path}: {stats.examples} training examples, {stats.tokens} tokens "
+          f"({stats.trained_tokens} trained), {stats.eval_examples} eval examples"
+          + ("" if written else "; already up to date, nothing tokenized"), flush=True)
+    return 0
+
+
 def cmd_slurm(args) -> int:
     from sft_scale import slurm
 
@@ -146,19 +160,45 @@ def cmd_slurm(args) -> int:
 def cmd_merge(args) -> int:
     from sft_scale.merge import merge
 
+    if args.gguf:
+        require_converter()  # before the merge, not after it
     report = merge(args.adapter, args.out, args.base, args.dtype, args.max_shard_size,
                    args.overwrite)
     print(f"merged into {args.out}: max |logit diff| vs base+adapter "
           f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']}), greedy "
           f"generations equal: {report['greedy_generations_equal']}")
+    if args.gguf:
+        _print_gguf(export_gguf(args.out, args.gguf, pre_tokenizer=args.gguf_pre_tokenizer))
     return 0
 
 
 def cmd_export(args) -> int:
-    from sft_scale.export import export
+    from sft_scale.export import export, export_to_gguf
 
+    if args.format == "gguf":
+        require_converter()
+        _print_gguf(export_to_gguf(args.run, args.out, args.gguf_type, args.checkpoint,
+                                   args.overwrite, args.gguf_pre_tokenizer))
+        return 0
     print(f"exported to {export(args.run, args.out, args.checkpoint, args.overwrite)}")
     return 0
+
+
+def cmd_gguf(args) -> int:
+    from sft_scale.gguf_export import install_converter
+
+    if args.gguf_command == "setup":
+        print(f"llama.cpp converter in {install_converter(sdist=args.sdist)}")
+    else:
+        _print_gguf(export_gguf(args.model, args.type, args.out, args.pre_tokenizer))
+    return 0
+
+
+def _print_gguf(report: dict) -> None:
+    print(f"GGUF written: {report['gguf']} ({report['outtype']}); run by llama.cpp against "
+          f"{report['model']}: sample texts tokenised equal {report['sample_texts_tokenised_equal']}"
+          f", max |log-prob diff| {report['max_abs_logprob_diff']:.3g} (tolerance "
+          f"{report['tolerance']}), greedy generations equal: {report['greedy_generations_equal']}")
 
 
 def cmd_eval(args) -> int:
@@ -179,6 +219,15 @@ def cmd_eval(args) -> int:
     result = eval_before_after(cfg, args.adapter, [DatasetSource(path=str(Path(args.data).absolute()))])
     print(format_table(result))
     return 0
+
+
+PRE_TOKENIZER_HELP = ("llama.cpp's name for the tokenizer's pre-tokenizer (e.g. llama-bpe, "
+                      "qwen2, gpt-2), only for a BPE tokenizer that llama.cpp does not recognise")
+
+
+def gguf_args(p, flag: str, default: str | None, text: str) -> None:
+    p.add_argument(flag, choices=OUTTYPES, default=default, help=text)
+    p.add_argument("--gguf-pre-tokenizer", default=None, help=PRE_TOKENIZER_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("-n", type=positive_int, default=3, help="examples to show")
     p.set_defaults(func=cmd_data_preview)
+    p = data_sub.add_parser("prepare", help="tokenize once into data.prepared_dir (default "
+                            "OUTPUT_DIR/prepared_data), for training jobs to load instead of "
+                            "tokenizing at start-up")
+    config_args(p)
+    p.add_argument("--force", action="store_true", help="rewrite it even when up to date")
+    p.set_defaults(func=cmd_data_prepare)
 
     from sft_scale import slurm as slurm_options  # its dataclass declares the submit flags
 
@@ -263,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true")
+    gguf_args(p, "--gguf", default=None, text="also write OUT/model-TYPE.gguf for llama.cpp / "
+              "Ollama, verified")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="clean adapter / consolidated model from a checkpoint")
@@ -270,7 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default=None, help="default: the newest complete one")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: PEFT adapter (LoRA runs) or model folder; gguf: a model folder (LoRA "
+                   "merged, verified) with OUT/model-TYPE.gguf beside it, verified")
+    gguf_args(p, "--gguf-type", default="f16", text="GGUF weight type with --format gguf")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("gguf", help="llama.cpp's GGUF converter: install it, convert a model folder")
+    gguf_sub = p.add_subparsers(dest="gguf_command", required=True)
+    p = gguf_sub.add_parser("setup", help="download llama-cpp-python's pinned source package once "
+                            "and keep its converter (make install runs this)")
+    p.add_argument("--sdist", default=None, help="a llama_cpp_python-VERSION.tar.gz already here")
+    p.set_defaults(func=cmd_gguf)
+    p = gguf_sub.add_parser("convert", help="a Hugging Face model folder (merged or full "
+                            "fine-tune) to GGUF, verified against it")
+    p.add_argument("--model", required=True, help="folder with config.json and safetensors")
+    p.add_argument("--type", choices=OUTTYPES, default="f16")
+    p.add_argument("--out", default=None, help="default: MODEL/model-TYPE.gguf")
+    p.add_argument("--pre-tokenizer", default=None, help=PRE_TOKENIZER_HELP)
+    p.set_defaults(func=cmd_gguf)
 
     p = sub.add_parser("eval", help="generation metrics of a base, and of base+adapter")
     p.add_argument("--model", required=True, help="base model: folder, hub id or builtin:NAME")

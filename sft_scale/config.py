@@ -27,6 +27,11 @@ class ModelConfig:
     # A local folder or a hub id; "builtin:tiny-llama" is the embedded demo model.
     name_or_path: str = "builtin:tiny-llama"
     tokenizer: Optional[str] = None  # defaults to name_or_path
+    # Tokens added to the tokenizer (e.g. tool-call tags) and added special tokens (never split,
+    # kept by decode unless skip_special_tokens). The embedding grows to fit; with LoRA only the
+    # new rows are trained and saved (peft trainable_token_indices), see README "Adding tokens".
+    add_tokens: list[str] = field(default_factory=list)
+    add_special_tokens: list[str] = field(default_factory=list)
     revision: Optional[str] = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
@@ -66,6 +71,18 @@ class DatasetSource:
     name: Optional[str] = None  # hub dataset config name
     weight: Optional[float] = None  # 2.0 repeats the source twice, 0.5 takes half
     count: Optional[int] = None  # exactly this many records (repeating if needed)
+    # .txt files: one record per line, per blank-line-separated paragraph, or per file.
+    sample_by: Literal["line", "paragraph", "document"] = "line"
+    # This source's field names where they differ from ours, {ours: theirs}; ours are messages,
+    # conversations, system, tools, instruction, input, output, history, prompt, completion,
+    # text, label. E.g. {messages: dialog, system: sys}.
+    columns: dict[str, str] = field(default_factory=dict)
+    role_key: Optional[str] = None  # the role field of a turn (default: role, or from for sharegpt)
+    content_key: Optional[str] = None  # the text field of a turn (default: content, or value)
+    # This source's role tags, {theirs: ours}, ours being system, user, assistant, tool (a tool
+    # result) and function_call (an assistant tool call written as JSON text). Added to the
+    # defaults (human/gpt/observation/function_call and the OpenAI role names).
+    roles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,8 +99,14 @@ class DataConfig:
     # "auto": the tokenizer's own template, else chatml. Or a name (chatml, llama3) or Jinja text.
     chat_template: str = "auto"
     train_on_inputs: bool = False
+    # At most the model's max_position_embeddings (refused before any weights load).
     max_seq_len: int = 512
-    truncation: Literal["truncate", "drop"] = "truncate"
+    # truncate: cut the end; drop: drop the example; proportional: cut the prompt (everything
+    # before the first trained token, its end kept) and the rest (its start kept) in proportion
+    # to their lengths, so a long prompt no longer leaves nothing to train.
+    truncation: Literal["truncate", "drop", "proportional"] = "truncate"
+    # Train the assistant's tool calls (they are model output); tool results are never trained.
+    train_tool_calls: bool = True
     # Padding-free: each micro-batch is one row of concatenated examples, position ids
     # restarting at 0 per example, attention never crossing examples; the same examples per
     # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
@@ -92,6 +115,9 @@ class DataConfig:
     packing: Union[bool, Literal["auto"]] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
+    # Tokenized data written by `sft-scale data prepare` (relative: to the config file's folder).
+    # Unset: OUTPUT_DIR/prepared_data when that exists, else the job tokenizes at start-up.
+    prepared_dir: Optional[str] = None
     # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
     num_workers: int = 0
     pin_memory: bool = True  # pinned host batches for faster host->GPU copies; ignored on CPU
@@ -138,6 +164,10 @@ class CheckpointConfig:
     keep_last: int = 2
     # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
     resume: str = "auto"
+    # A DeepSpeed checkpoint resumed by a different number of processes (same global batch):
+    # convert it once to DeepSpeed's universal format and load that (the checkpoint itself is
+    # untouched), or refuse. See sft_scale/checkpoint.py: to_universal.
+    resume_world_size_change: Literal["convert", "refuse"] = "convert"
     # Resuming on training data that differs from the checkpoint's (another file, another
     # tokenization) is refused unless this is true.
     allow_data_change: bool = False
@@ -525,6 +555,12 @@ def _coerce(value: Any, tp, key: str):
             raise bad
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -568,6 +604,8 @@ def _resolve_paths(cfg: Config) -> None:
             src.path = str((base / src.path).resolve())
     if cfg.distributed.deepspeed_config:
         cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
+    if cfg.data.prepared_dir:
+        cfg.data.prepared_dir = res(cfg.data.prepared_dir)
 
 
 SEED_LIMIT = 2 ** 32  # numpy's seed range, which accelerate's set_seed also seeds
@@ -596,9 +634,10 @@ def check_values(cfg: Config) -> list[Problem]:
         (t.adam_epsilon > 0, "training.adam_epsilon", "must be > 0, e.g. 1e-8"),
         (0.0 <= t.warmup_ratio < 1.0, "training.warmup_ratio", "must be in [0, 1)"),
         (t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0"),
-        (t.max_steps == 0 or t.warmup_steps <= t.max_steps, "training.warmup_steps",
-         f"({t.warmup_steps}) is beyond training.max_steps ({t.max_steps}): the learning rate "
-         "would never reach training.learning_rate. Lower it, or use warmup_ratio"),
+        (t.max_steps == 0 or t.warmup_steps <= WARMUP_REFUSE_FACTOR * t.max_steps,
+         "training.warmup_steps",
+         f"({t.warmup_steps}) is far beyond training.max_steps ({t.max_steps}): the learning "
+         "rate would stay near 0. Lower it, or use warmup_ratio"),
         (t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables clipping)"),
         (t.logging_steps >= 1, "training.logging_steps", "must be >= 1"),
         (bool(cfg.model.name_or_path.strip()), "model.name_or_path",
@@ -659,14 +698,25 @@ def validate(cfg: Config, src: str = "<config>") -> None:
     raise_problems(check_values(cfg), src, None)
 
 
-def check_warmup(cfg: Config, total_steps: int) -> None:
+# A warmup longer than the run may be meant (a 2-step smoke test of a real recipe): it gets a
+# loud warning. This many times the run is a typo (500 for 50), refused.
+WARMUP_REFUSE_FACTOR = 10
+
+
+def check_warmup(cfg: Config, total_steps: int) -> str | None:
     """Once the total steps are known (from the data when training.max_steps is 0): refuse a
-    warmup that never ends, before anything is written."""
-    if cfg.training.warmup_steps > total_steps:
+    warmup far beyond the run, before anything is written; a warning to print for one that is
+    merely longer than the run."""
+    w = cfg.training.warmup_steps
+    if w > WARMUP_REFUSE_FACTOR * total_steps:
         raise ConfigError(
-            f"'training.warmup_steps' ({cfg.training.warmup_steps}) is beyond the run's "
-            f"{total_steps} steps: the learning rate would never reach training.learning_rate. "
-            "Lower it, or use training.warmup_ratio")
+            f"'training.warmup_steps' ({w}) is far beyond the run's {total_steps} steps: the "
+            "learning rate would stay near 0. Lower it, or use training.warmup_ratio")
+    if w > total_steps:
+        return (f"training.warmup_steps ({w}) is beyond the run's {total_steps} steps: the "
+                f"learning rate never reaches training.learning_rate (it peaks at "
+                f"{total_steps / w:.0%} of it). Lower it, or use training.warmup_ratio")
+    return None
 
 
 def dump_yaml(cfg: Config, extra: dict | None = None) -> str:

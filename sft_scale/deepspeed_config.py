@@ -108,6 +108,11 @@ def resolve_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int |
                        ("stage3_param_persistence_threshold", 10 * h)):
         if zero.get(key) == "auto":
             zero[key] = value
+    if ds.get("zero_force_ds_cpu_optimizer") == "auto":
+        # Accelerate swaps our torch AdamW for DeepSpeedCPUAdam when this is true and the
+        # optimizer is offloaded. Whether that op builds is known only where training runs
+        # (sft_scale/preflight.py: choose_offload_optimizer); until then, assume it does.
+        ds["zero_force_ds_cpu_optimizer"] = offloads_optimizer(ds)
     left = _autos(ds)
     if left:
         raise ConfigError(f"{source}: cannot resolve \"auto\" for {left}; give concrete values")
@@ -122,6 +127,11 @@ def _autos(d, prefix="") -> list[str]:
         elif v == "auto":
             out.append(prefix + k)
     return out
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    dev = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return dev not in ("none", None)
 
 
 def zero_stage(ds: dict) -> int:

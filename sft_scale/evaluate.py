@@ -94,7 +94,8 @@ def generation_records(cfg, tokenizer, sources) -> list[dict]:
             out.append({"prompt": ex["prompt"], "answer": ex["completion"]})
         elif ex["kind"] == "chat":
             last = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "assistant")
-            prompt = render(tokenizer, template, ex["messages"][:last], add_generation_prompt=True)
+            prompt = render(tokenizer, template, ex["messages"][:last], add_generation_prompt=True,
+                            tools=ex.get("tools"))
             if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
                 prompt = prompt[len(tokenizer.bos_token):]  # generate_answers adds BOS itself
             out.append({"prompt": prompt, "answer": ex["messages"][last]["content"]})

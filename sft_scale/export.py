@@ -1,9 +1,12 @@
 """`sft-scale export`: a clean PEFT adapter (or a consolidated model) from any checkpoint of a run,
-including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks."""
+including DeepSpeed ZeRO checkpoints whose weights are partitioned across ranks; with
+`--format gguf`, a model folder plus its verified GGUF for llama.cpp / Ollama."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -11,8 +14,10 @@ import torch
 from sft_scale.builtin import resolve_model_path
 from sft_scale.checkpoint import find_resume_checkpoint, verify, weights_only_loads
 from sft_scale.config import Config, ConfigError, config_from_dict
+from sft_scale.gguf_export import export_gguf
 from sft_scale.io_utils import atomic_dir
-from sft_scale.merge import check_output
+from sft_scale.merge import check_output, merge
+from sft_scale.model import load_tokenizer
 
 
 def run_config(run_dir: Path) -> Config:
@@ -59,7 +64,9 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
         if ckpt is None:
             raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
     state = checkpoint_state_dict(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    # With model.add_tokens the adapter needs the tokenizer training used (same ids).
+    tokenizer = load_tokenizer(cfg) if cfg.model.add_tokens or cfg.model.add_special_tokens \
+        else AutoTokenizer.from_pretrained(base)
     model_config = AutoConfig.from_pretrained(base)
 
     with atomic_dir(out_path) as tmp:
@@ -67,11 +74,15 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             from peft import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            from sft_scale.model import wrap_lora
+            from sft_scale.model import resize_for_added_tokens, wrap_lora
             # The module structure is all PEFT needs to name the adapter's tensors: meta device.
             with init_empty_weights():
-                skeleton = wrap_lora(AutoModelForCausalLM.from_config(model_config), cfg)
-            adapter_sd = get_peft_model_state_dict(skeleton, state_dict=state)
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+                skeleton = wrap_lora(skeleton, cfg, resize_for_added_tokens(skeleton, cfg, False))
+            added = bool(cfg.model.add_tokens or cfg.model.add_special_tokens)
+            # Added tokens' rows are trainable tokens in the adapter, not whole embeddings.
+            adapter_sd = get_peft_model_state_dict(
+                skeleton, state_dict=state, save_embedding_layers=False if added else "auto")
             if not adapter_sd or any(v.numel() == 0 for v in adapter_sd.values()):
                 raise ConfigError(f"{ckpt}: holds no adapter weights (empty tensors)")
             save_file({k: v.contiguous() for k, v in adapter_sd.items()},
@@ -93,3 +104,24 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
             {"run": str(run), "checkpoint": str(ckpt), "base": base,
              "kind": "adapter" if cfg.lora.enabled else "model"}, indent=2) + "\n")
     return out_path
+
+
+def export_to_gguf(run_dir: str, out: str, outtype: str = "f16", checkpoint: str | None = None,
+                   overwrite: bool = False, pre_tokenizer: str | None = None) -> dict:
+    """A checkpoint as a model folder llama.cpp's converter takes (config.json, weights,
+    tokenizer) and its verified GGUF. A LoRA checkpoint's adapter is exported to a scratch
+    folder and merged (verified) into OUT first: an adapter folder has no config.json."""
+    out_path = Path(out)
+    check_output(out_path, overwrite)
+    if not run_config(Path(run_dir)).lora.enabled:
+        export(run_dir, out, checkpoint, overwrite)
+    else:
+        out_path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.adapter-",
+                                        dir=out_path.absolute().parent))
+        try:
+            export(run_dir, str(scratch / "adapter"), checkpoint)
+            merge(str(scratch / "adapter"), out, overwrite=overwrite)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return export_gguf(out_path, outtype, pre_tokenizer=pre_tokenizer)

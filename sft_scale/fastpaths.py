@@ -7,6 +7,7 @@ import torch
 
 from sft_scale.attention import PACKED_SDPA, load_attn_implementation, resolve_attn_implementation
 from sft_scale.config import Config, ConfigError
+from sft_scale.data.pipeline import check_max_seq_len
 from sft_scale.loss import resolve_loss
 
 
@@ -80,6 +81,7 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> d
     the sampler and the model's attention alike, and the saved config then says what ran."""
     if cfg.data.num_workers < 0:
         raise ConfigError("'data.num_workers' must be >= 0 (0 collates in the training process)")
+    check_max_seq_len(cfg, mc)
     attn = resolve_attn_implementation(cfg)
     cfg.data.packing, packing_why = resolve_packing(cfg, attn, mc)
     kernel = load_attn_implementation(cfg)

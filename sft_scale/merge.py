@@ -178,6 +178,13 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
     head = _classifier_head(adapter, tokenizer) if classifier else {}
     model = model_cls.from_pretrained(base_path, dtype=DTYPES[dtype], use_safetensors=True,
                                       **head)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        # Trained with model.add_tokens: the adapter holds every new row (trainable tokens), so
+        # their initial values here do not matter.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        log.info("merge: embedding resized from %d to %d rows for the adapter's added tokens",
+                 rows, len(tokenizer))
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:

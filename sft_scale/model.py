@@ -23,6 +23,10 @@ def load_tokenizer(cfg: Config):
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {path!r} has no EOS token: generation could never stop. "
                          "Use a tokenizer with an eos_token, or set model.tokenizer to one.")
+    if cfg.model.add_tokens:
+        tok.add_tokens(list(cfg.model.add_tokens))
+    if cfg.model.add_special_tokens:
+        tok.add_tokens(list(cfg.model.add_special_tokens), special_tokens=True)
     if tok.pad_token is None:
         # Reusing EOS as pad is safe here because labels come from our own mask, never from
         # `input_ids != pad`, so the EOS we append after each answer is still trained.
@@ -94,6 +98,7 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
             raise RuntimeError(f"load_in_8bit was asked for but {path} loaded no int8 layer")
         log.info("quantization: bitsandbytes LLM.int8, %d Linear8bitLt layers", n8)
     model.config.use_cache = False  # the KV cache only costs memory during training
+    token_ids = resize_for_added_tokens(model, cfg)
 
     gc = cfg.training.gradient_checkpointing
     if cfg.quantization.load_in_8bit:
@@ -109,19 +114,65 @@ def load_model(cfg: Config, device_index: int | None = None, labels: list[str] |
             model.enable_input_require_grads()
 
     if cfg.lora.enabled:
-        model = wrap_lora(model, cfg)
+        model = wrap_lora(model, cfg, token_ids)
     return model
 
 
-def wrap_lora(model, cfg: Config):
+def added_token_ids(tokenizer, cfg: Config) -> list[int]:
+    """Ids of the tokens that model.add_tokens / add_special_tokens name (new or already there:
+    a model's untrained reserved tokens need their rows trained just the same)."""
+    return sorted(set(tokenizer.convert_tokens_to_ids(
+        list(cfg.model.add_tokens) + list(cfg.model.add_special_tokens))))
+
+
+def resize_for_added_tokens(model, cfg: Config, mean_resizing: bool = True) -> list[int]:
+    """Grow the embedding (and an untied LM head) to the tokenizer with the added tokens; the ids
+    whose rows must be trained. New rows are drawn around the mean of the old ones (transformers'
+    mean_resizing), so a new token starts out as an average token, not as noise."""
+    if not (cfg.model.add_tokens or cfg.model.add_special_tokens):
+        return []
+    tokenizer = load_tokenizer(cfg)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+        log.info("tokens: embedding resized from %d to %d rows for model.add_tokens / "
+                 "add_special_tokens", rows, len(tokenizer))
+    # Every new row is trained and saved, so a reload reproduces it whatever its initial value.
+    return sorted(set(added_token_ids(tokenizer, cfg)) | set(range(rows, len(tokenizer))))
+
+
+def trainable_tokens(model, token_ids: list[int]):
+    """peft's trainable_token_indices for the added tokens' rows: the input embedding, and the
+    LM head too when it is not tied to it (the model must learn to emit the new tokens)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    if head is None or head.weight is emb.weight:
+        return list(token_ids)
+    return {names[emb]: list(token_ids), names[head]: list(token_ids)}
+
+
+def wrap_lora(model, cfg: Config, token_ids: list[int] | None = None):
+    """LoRA as configured. With added tokens only their embedding (and LM head) rows are trained
+    and saved (peft trainable_token_indices) rather than whole matrices (modules_to_save on
+    embed_tokens/lm_head): for Llama-3-8B that is 2 x 4096 values per token, not 2 x 525M."""
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.lora
+    tokens = trainable_tokens(model, token_ids) if token_ids else None
+    if tokens is not None:
+        emb = model.get_input_embeddings().weight
+        n_mats = 1 if isinstance(tokens, list) else 2
+        per = emb.shape[1] * emb.element_size()
+        log.info("tokens: training %d added token rows in %d matri%s (peft "
+                 "trainable_token_indices): +%d parameters, +%.2f MiB in the adapter (whole "
+                 "matrices via modules_to_save would add %.1f MiB)", len(token_ids), n_mats,
+                 "x" if n_mats == 1 else "ces", len(token_ids) * emb.shape[1] * n_mats,
+                 len(token_ids) * per * n_mats / 2**20, emb.shape[0] * per * n_mats / 2**20)
     peft_cfg = LoraConfig(
         # SEQ_CLS makes PEFT train and save the new classification head with the adapter.
         task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
         target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
-        bias=lc.bias)
+        bias=lc.bias, trainable_token_indices=tokens)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:

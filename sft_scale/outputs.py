@@ -195,9 +195,13 @@ def save_model(accelerator, model, serving, cfg: Config, out_dir: Path,
     target = out_dir / (name or ("adapter" if cfg.lora.enabled else "model"))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        added = bool(cfg.model.add_tokens or cfg.model.add_special_tokens)
+        # The added tokens' rows are in the adapter already (trainable_token_indices); peft
+        # would otherwise also save both whole embedding matrices because the vocabulary grew.
+        kw = {"save_embedding_layers": False} if added and cfg.lora.enabled else {}
         with atomic_dir(target) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            serving.save(tmp, cfg.output.save_tokenizer)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **kw)
+            serving.save(tmp, cfg.output.save_tokenizer or added)  # added tokens live only there
     accelerator.wait_for_everyone()
     return target
 

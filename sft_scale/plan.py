@@ -22,8 +22,12 @@ HEADROOM = 0.9  # a plan that needs the last 10% of a GPU fails on the first lon
 MAX_MICRO = 1024
 # DeepSpeed's default sub_group_size: ZeRO-3 makes fp32 gradients one sub-group at a time.
 ZERO3_SUB_GROUP = 10 ** 9
-# Least communication first: the recommendation is the first of these that fits.
 VARIANTS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True))
+# Communication tiers, least first: ZeRO-0/1/2 move the same volume as DDP (an all-reduce is a
+# reduce-scatter plus an all-gather); offload adds host transfers; ZeRO-3 gathers parameters
+# again in forward and backward (1.5x); ZeRO-3+offload does both.
+COMM_TIER = {(0, False): 0, (1, False): 0, (2, False): 0, (2, True): 1, (3, False): 2,
+             (3, True): 3}
 _SHAPES: dict[str, "ModelShape"] = {}
 
 
@@ -161,20 +165,20 @@ def _base_weight_bytes(cfg, shape: ModelShape, wb: int) -> int:
     if not cfg.quantization.load_in_8bit:
         return shape.total_params * wb
     # int8 Linear weights plus one fp32 scale per output row; bitsandbytes keeps the output head
-    # unquantized, and prepare_model_for_kbit_training upcasts every non-int8 parameter to fp32.
+    # unquantized. prepare_model_for_kbit_training upcasts every non-int8 parameter to fp32, but
+    # the DeepSpeed engine (every variant planned here) then casts all floating-point parameters
+    # to its bf16/fp16 compute dtype: they cost `wb` bytes, not 4.
     q = {n: s for n, s in shape.linear_shapes.items() if n != shape.output_head}
     int8 = sum(i * o for i, o, _ in q.values())
-    return int8 + 4 * sum(o for _, o, _ in q.values()) + 4 * (shape.total_params - int8)
+    return int8 + 4 * sum(o for _, o, _ in q.values()) + wb * (shape.total_params - int8)
 
 
 def model_states(cfg, shape: ModelShape, stage: int, offload: bool, world: int) -> dict:
     """Per-GPU bytes of weights, fp32 master copy, gradients and AdamW states."""
     wb = dtype_bytes(cfg, shape)
-    eight_bit = cfg.quantization.load_in_8bit
     if cfg.lora.enabled:
-        trainable = lora_params(shape, cfg.lora)
-        frozen = _base_weight_bytes(cfg, shape, wb)
-        tb = 4 if eight_bit else wb  # adapters on an 8-bit base stay fp32 (PEFT upcasts them)
+        # Adapters on an 8-bit base are fp32 after PEFT, and DeepSpeed casts them to `wb` too.
+        trainable, frozen, tb = lora_params(shape, cfg.lora), _base_weight_bytes(cfg, shape, wb), wb
     else:
         trainable, frozen, tb = shape.total_params, 0, wb
     mixed = tb == 2  # 16-bit training keeps fp32 master weights and fp32 gradients for the step
@@ -312,11 +316,14 @@ def estimate(cfg, world_size: int, gpu_memory_bytes: int, micro_batch: int | Non
 
 
 def recommend(plan: dict) -> tuple[dict | None, str]:
-    """The least-communication variant that fits the configured micro-batch, else the first that
-    fits a smaller one, else None; with a sentence saying why."""
+    """In the least-communication tier (COMM_TIER) where a variant fits the configured
+    micro-batch, the one with the most headroom (ZeRO-2 over ZeRO-1 over ZeRO-0 at equal traffic;
+    the lower stage on a tie); else, in the first tier where one fits a smaller micro-batch, the
+    one that fits the largest; else None. With a sentence saying why."""
     rows = [r for r in plan["rows"] if r["supported"]]
-    fit = next((r for r in rows if r["fits"]), None)
-    r = fit or next((r for r in rows if r["max_micro_batch"]), None)
+    fit = _best_of_first_tier([r for r in rows if r["fits"]], lambda r: r["total"])
+    r = fit or _best_of_first_tier([r for r in rows if r["max_micro_batch"]],
+                                   lambda r: -r["max_micro_batch"])
     if r is None:
         least = min((r["total"] - r["activations"] - r["logits"] for r in rows), default=0)
         return None, (f"nothing fits {_gib(plan['budget'])} per GPU even at micro-batch 1 "
@@ -331,6 +338,13 @@ def recommend(plan: dict) -> tuple[dict | None, str]:
     return pick, (f"micro-batch {plan['micro_batch']} fits nowhere; {r['name']} fits "
                   f"{r['max_micro_batch']}: lower training.micro_batch_size and raise "
                   "gradient_accumulation_steps to keep the global batch")
+
+
+def _best_of_first_tier(rows: list[dict], key) -> dict | None:
+    if not rows:
+        return None
+    tier = min(COMM_TIER[(r["stage"], r["offload"])] for r in rows)
+    return min((r for r in rows if COMM_TIER[(r["stage"], r["offload"])] == tier), key=key)
 
 
 def _gib(n: float) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sft_scale.config import Config, ConfigError
 from sft_scale.deepspeed_config import (launcher_ds_file, ds_config_path, load_ds_config,
-                                        resolve_ds_config, zero_stage)
+                                        offloads_optimizer, resolve_ds_config, zero_stage)
 from sft_scale.distributed import world_size_from_env
 from sft_scale.plan import estimate, format_table, lora_targets, matches_module, model_shape
 
@@ -98,8 +98,10 @@ def resolve_auto_zero(cfg: Config, world_size: int, memory: int | None = None) -
               + format_table(plan), flush=True)
 
 
-def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict | None:
-    """The DeepSpeed config this run will use, fully resolved and checked, or None (DDP)."""
+def resolve_deepspeed(cfg: Config, world_size: int | None = None,
+                      in_job: bool = False) -> dict | None:
+    """The DeepSpeed config this run will use, fully resolved and checked, or None (DDP).
+    `in_job`: called by a training process, where the offload optimizer's op can be built."""
     if cfg.distributed.zero == "auto" and not cfg.distributed.deepspeed_config \
             and not launcher_ds_file():
         resolve_auto_zero(cfg, world_size or world_size_from_env())
@@ -109,8 +111,44 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict | None
     world = world_size or world_size_from_env()
     ds = resolve_ds_config(load_ds_config(path), cfg, world, model_hidden_size(cfg), source=path)
     check_compatibility(cfg, ds, path)
+    if in_job and offloads_optimizer(ds) and ds.get("zero_force_ds_cpu_optimizer") \
+            and load_ds_config(path).get("zero_force_ds_cpu_optimizer", "auto") == "auto":
+        ds["zero_force_ds_cpu_optimizer"] = choose_offload_optimizer()
     log.info("DeepSpeed config %s resolved: %s", path, json.dumps(ds))
     return ds
+
+
+def choose_offload_optimizer() -> bool:
+    """True when DeepSpeed's CPU Adam (a C++ op, JIT-built with ninja and a compiler on first
+    use, then cached in TORCH_EXTENSIONS_DIR) is ready here, so that Accelerate runs the
+    offloaded step in it; else False, with the reason printed, and the step runs in torch AdamW
+    (slower: see docs/BENCHMARKS.md). Built here, in each training process, because the op is
+    compiled for the CPU it runs on (-march=native): a login node's build may not run on a
+    compute node. Concurrent ranks take turns through torch's build lock."""
+    import time
+
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    builder = CPUAdamBuilder()
+    say = os.environ.get("RANK", "0") == "0"  # before logging is set up; one rank says it
+    reason = None
+    if not builder.is_compatible(verbose=False):
+        reason = "DeepSpeed reports the cpu_adam op incompatible here (see `ds_report`)"
+    else:
+        started = time.time()
+        try:
+            builder.load(verbose=False)
+        except Exception as e:  # noqa: BLE001 - any build failure means: fall back, say why
+            reason = f"building the cpu_adam op failed: {str(e).strip().splitlines()[-1]}"
+        else:
+            if say:
+                print(f"offload optimizer: DeepSpeed CPU Adam (op ready in "
+                      f"{time.time() - started:.0f} s)", flush=True)
+            return True
+    if say:
+        print(f"offload optimizer: torch AdamW, the slow path ({reason}); install ninja and a "
+              "C++ compiler for DeepSpeed's CPU Adam", flush=True)
+    return False
 
 
 def check_compatibility(cfg: Config, ds: dict | None, source: str = "<deepspeed config>") -> None:

@@ -57,7 +57,7 @@ def run(cfg: Config) -> dict:
 
     from sft_scale import checkpoint as ckpt
     from sft_scale import outputs
-    from sft_scale.data import GlobalBatchSampler, build_datasets
+    from sft_scale.data import GlobalBatchSampler
     from sft_scale.distributed import describe, make_accelerator
     from sft_scale.eval_loop import evaluate, improved
     from sft_scale.metrics import plot_losses
@@ -75,7 +75,7 @@ def run(cfg: Config) -> dict:
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
-    ds_config = resolve_deepspeed(cfg)
+    ds_config = resolve_deepspeed(cfg, in_job=True)
     accelerator = make_accelerator(cfg, ds_config)
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
@@ -105,14 +105,16 @@ def run(cfg: Config) -> dict:
 
     # 2. Data, validated before anything is written.
     tokenizer = load_tokenizer(cfg)
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the rest reuse it
-        train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
+    train_ds, eval_ds, data_stats = load_data(cfg, tokenizer, accelerator)
     steps = total_steps(cfg, len(train_ds), world)
-    check_warmup(cfg, steps)
+    warmup_warning = check_warmup(cfg, steps)
+    if warmup_warning and accelerator.is_main_process:
+        log.warning("WARNING: %s", warmup_warning)
     _check_micro_batch(cfg, len(train_ds))
     identity["data_fingerprint"] = ckpt.data_fingerprint(train_ds)
     resume_step = ckpt.check_resume(resume_from, identity, steps,
-                                    cfg.checkpoint.allow_data_change)["step"] \
+                                    cfg.checkpoint.allow_data_change,
+                                    cfg.checkpoint.resume_world_size_change)["step"] \
         if resume_from else None
     labels = data_stats.labels
     if cfg.task == "classification":
@@ -169,7 +171,8 @@ def run(cfg: Config) -> dict:
     ckpt.keep_trainable_only(accelerator, model)
     state = LoopState()
     if resume_from is not None:
-        ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity)
+        ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity,
+                             cfg.checkpoint.resume_world_size_change)
     preemption.track(state)
 
     # 4. The loop; checkpoints on schedule and on preemption.
@@ -260,6 +263,21 @@ def run(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def load_data(cfg: Config, tokenizer, accelerator):
+    """(train, eval or None, stats): the prepared data (`sft-scale data prepare`) when there is
+    some, loaded by every rank with no tokenization; else tokenized here, rank 0 first while
+    the others wait, then from its datasets cache."""
+    from sft_scale.data import build_datasets
+    from sft_scale.data.prepared import find_prepared, load_prepared
+
+    path = find_prepared(cfg)
+    if path is None:
+        with accelerator.main_process_first():
+            return build_datasets(cfg, tokenizer)
+    log.info("data: prepared data from %s (fingerprint matches; nothing tokenized)", path)
+    return load_prepared(path, cfg, tokenizer)
 
 
 def _check_micro_batch(cfg: Config, n_examples: int) -> None:

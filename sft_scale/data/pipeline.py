@@ -6,12 +6,16 @@ in parallel with `data.num_proc`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 
-from sft_scale.config import Config, DatasetSource
-from sft_scale.data.formats import detect_format, to_example
+from jinja2.exceptions import TemplateError
+
+from sft_scale.config import Config, ConfigError, DatasetSource
+from sft_scale.data.formats import (MODALITY_COLUMNS, PROMPT_KEYS, detect_format,
+                                    to_example, unused_columns)
 from sft_scale.data.sources import SOURCE_COLUMN, DataError, apply_weight, load_source
 from sft_scale.data.templates import fallback_warning, resolve_template
 from sft_scale.data.tokenize import encode_example
@@ -28,6 +32,11 @@ class DataStats:
     dropped_too_long: int = 0
     dropped_no_trainable: int = 0
     eval_examples: int = 0
+    # Reported, never dropped: a user may mean them (and upsampling by weight/count is not
+    # counted). Records whose canonical example equals an earlier record's, and eval examples
+    # that are also training records.
+    duplicates: int = 0
+    eval_in_train: int = 0
     labels: list | None = None  # classification: label names in head order
     chat: bool = False  # chat examples were trained (the chat template is saved with the model)
     bos: bool | None = None  # training sequences begin with BOS (the saved tokenizer adds it)
@@ -61,19 +70,50 @@ def sample_examples(sources: list[DatasetSource], cfg: Config, per_source: int |
         if fmt == "auto":
             fmt = detect_format([c for c in ds.column_names if c != SOURCE_COLUMN],
                                 f"{src.path} (first record)")
+        d = cfg.data
+        _check_columns(ds, fmt, src, (d.prompt_field, d.answer_field))
         ds = apply_weight(ds, src, cfg.training.seed + i)
         total += len(ds)
         if per_source is not None and len(ds) > per_source:
             ds = ds.shuffle(seed=cfg.training.seed).select(range(per_source))
-        d = cfg.data
         # Stored as JSON text: chats and completions have different shapes, one arrow column each.
         ds = ds.map(lambda r: {"example": json.dumps(to_example(
-                        r, fmt, d.prompt_field, d.answer_field, d.system_prompt, cfg.task))},
+                        r, fmt, d.prompt_field, d.answer_field, d.system_prompt, cfg.task, src,
+                        d.train_tool_calls))},
                     remove_columns=[c for c in ds.column_names if c != SOURCE_COLUMN],
                     num_proc=_procs(cfg, ds), desc=f"format {fmt}: {src.path}")
         log.info("data: %s -> %d records, format %s", src.path, len(ds), fmt)
         parts.append(ds)
     return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), total
+
+
+def _check_columns(ds, fmt: str, src: DatasetSource, fields: tuple) -> None:
+    """Refuse images/audio/video (we would train on the text around them as if they were not
+    there); name any other column the format does not read, once per source."""
+    for col in MODALITY_COLUMNS:
+        if col in ds.column_names:
+            used = next((i for i, v in enumerate(ds[col]) if v), None)
+            if used is not None:
+                raise DataError(f"{ds[used][SOURCE_COLUMN]}: column {col!r} holds {col} "
+                                f"({str(ds[used][col])[:60]}); sft_scale trains text-only "
+                                "models, and the text would be trained without them. Drop the "
+                                "column (or these records)")
+    extra = unused_columns([c for c in ds.column_names if c not in MODALITY_COLUMNS], fmt,
+                           tuple(f for f in fields if f) + PROMPT_KEYS)
+    if extra:
+        log.warning("data: %s: columns %s are not used by format %s (map them with the "
+                    "source's columns: if they hold data you meant to train on)", src.path,
+                    extra, fmt)
+
+
+def check_max_seq_len(cfg: Config, model_config) -> None:
+    """data.max_seq_len beyond the model's positions would train on positions it never had
+    (and fails or degrades silently, depending on the architecture)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.data.max_seq_len > limit:
+        raise ConfigError(f"{cfg.source or '<config>'}: 'data.max_seq_len' is "
+                          f"{cfg.data.max_seq_len} but the model has {limit} positions "
+                          f"(max_position_embeddings); set data.max_seq_len <= {limit}")
 
 
 def _procs(cfg: Config, ds) -> int | None:
@@ -92,11 +132,12 @@ def label_names(ds, cfg: Config) -> list[str]:
     return sorted(seen)
 
 
-def _label_index(label, names: list[str], multi: bool, binary: bool):
+def _label_index(label, names: list[str], multi: bool, binary: bool, where: str = ""):
     def idx(x):
         if str(x) not in names:
-            raise DataError(f"label {x!r} is not one of the labels {names} "
-                            "(classification.labels)")
+            raise DataError(f"{where}: label {x!r} is not one of the labels {names} (the "
+                            "training data's labels, or classification.labels); an eval label "
+                            "must also occur in the training data")
         return names.index(str(x))
     if multi:
         hot = [0] * len(names)
@@ -123,14 +164,22 @@ def encode_dataset(ds, tokenizer, cfg: Config, labels: list[str] | None = None):
 
         def enc(r):
             ex = json.loads(r["example"])
-            ex["label_index"] = _label_index(ex["label"], labels, multi, len(labels) == 2)
+            ex["label_index"] = _label_index(ex["label"], labels, multi, len(labels) == 2,
+                                             r[SOURCE_COLUMN])
             return encode_example(tokenizer, ex, d.max_seq_len)
         return ds.map(enc, remove_columns=["example"], num_proc=_procs(cfg, ds),
                       desc="tokenize")
-    return ds.map(lambda r: encode_example(tokenizer, json.loads(r["example"]), d.max_seq_len,
-                                           template,
-                                           d.train_on_inputs, d.truncation),
-                  remove_columns=["example"], num_proc=_procs(cfg, ds), desc="tokenize")
+
+    def enc_causal(r):
+        try:
+            return encode_example(tokenizer, json.loads(r["example"]), d.max_seq_len, template,
+                                  d.train_on_inputs, d.truncation)
+        except DataError:
+            raise
+        except (ValueError, TemplateError) as e:  # the template cannot render this record
+            raise DataError(f"{r[SOURCE_COLUMN]}: {e}") from None
+    return ds.map(enc_causal, remove_columns=["example"], num_proc=_procs(cfg, ds),
+                  desc="tokenize")
 
 
 def build_datasets(cfg: Config, tokenizer):
@@ -146,26 +195,56 @@ def build_datasets(cfg: Config, tokenizer):
                             f"records of {len(train)}")
         eval_ds, train = train.select(range(n_eval)), train.select(range(n_eval, len(train)))
     labels = label_names(train, cfg) if cfg.task == "classification" else None
+    duplicates, in_train = repeated_examples(train, eval_ds)
     chat = cfg.task != "classification" and has_chat(train)
     train, stats = _finish(encode_dataset(train, tokenizer, cfg, labels), "training")
     stats.labels = labels
+    stats.duplicates, stats.eval_in_train = len(duplicates), len(in_train)
     stats.chat = chat
     stats.bos = tokenizer.bos_token_id is not None and \
         train[0]["input_ids"][0] == tokenizer.bos_token_id
     if eval_ds is not None:
         eval_ds, _ = _finish(encode_dataset(eval_ds, tokenizer, cfg, labels), "eval")
         stats.eval_examples = len(eval_ds)
+    if duplicates:
+        log.warning("training data: %d records repeat an earlier record exactly (e.g. %s); kept "
+                    "(deduplicate the files if that is not meant)", len(duplicates),
+                    ", ".join(duplicates[:3]))
+    if in_train:
+        log.warning("eval data: %d examples are also in the training data (e.g. %s): the eval "
+                    "loss is optimistic", len(in_train), ", ".join(in_train[:3]))
     return train, eval_ds, stats
+
+
+def _digest(example: str) -> bytes:
+    return hashlib.blake2b(example.encode(), digest_size=16).digest()
+
+
+def repeated_examples(train, eval_ds) -> tuple[list[str], list[str]]:
+    """(training records that repeat an earlier one, eval records also in training), as
+    sources. Copies made by a source's weight/count share their record's source: not counted."""
+    seen: dict[bytes, str] = {}
+    duplicates = []
+    for src, ex in zip(train[SOURCE_COLUMN], train["example"]):
+        h = _digest(ex)
+        first = seen.setdefault(h, src)
+        if first != src:
+            duplicates.append(src)
+    if eval_ds is None:
+        return sorted(set(duplicates)), []
+    in_train = [src for src, ex in zip(eval_ds[SOURCE_COLUMN], eval_ds["example"])
+                if _digest(ex) in seen]
+    return sorted(set(duplicates)), in_train
 
 
 def _finish(ds, what: str):
     stats = DataStats(truncated=sum(ds["truncated"]))
-    n = len(ds)
-    ds = ds.filter(lambda r: r["length"] > 0, desc="drop over-long")
-    stats.dropped_too_long = n - len(ds)
-    n = len(ds)
-    ds = ds.filter(lambda r: r["n_trained"] > 0, desc="drop untrainable")
-    stats.dropped_no_trainable = n - len(ds)
+    too_long = [s for s, n in zip(ds[SOURCE_COLUMN], ds["length"]) if n == 0]
+    untrainable = [s for s, n, t in zip(ds[SOURCE_COLUMN], ds["length"], ds["n_trained"])
+                   if n > 0 and t == 0]
+    if too_long or untrainable:
+        ds = ds.filter(lambda r: r["n_trained"] > 0, desc="drop over-long / untrainable")
+    stats.dropped_too_long, stats.dropped_no_trainable = len(too_long), len(untrainable)
     if len(ds) == 0:
         raise DataError(f"the {what} data is empty after filtering ({stats.dropped_too_long} "
                         f"dropped as too long, {stats.dropped_no_trainable} with no trainable "
@@ -174,7 +253,13 @@ def _finish(ds, what: str):
     stats.tokens = sum(ds["length"])
     stats.trained_tokens = sum(ds["n_trained"])
     if stats.dropped_no_trainable or stats.dropped_too_long or stats.truncated:
-        log.warning("%s data: %d truncated, %d dropped as too long, %d dropped with no trainable "
-                    "token", what, stats.truncated - stats.dropped_too_long,
-                    stats.dropped_too_long, stats.dropped_no_trainable)
+        log.warning("%s data: %d truncated, %d dropped as too long%s, %d dropped with no "
+                    "trainable token%s%s", what, stats.truncated - stats.dropped_too_long,
+                    stats.dropped_too_long, _first(too_long), stats.dropped_no_trainable,
+                    _first(untrainable), " (data.truncation: proportional keeps part of each "
+                    "prompt and answer)" if untrainable else "")
     return ds, stats
+
+
+def _first(sources: list[str], n: int = 3) -> str:
+    return f" ({', '.join(sources[:n])}{', ...' if len(sources) > n else ''})" if sources else ""

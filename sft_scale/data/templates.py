@@ -12,8 +12,23 @@ import jinja2
 
 from sft_scale.errors import ConfigError
 
+# ChatML; with tools, the Hermes / Qwen2.5 convention (definitions in the system turn, calls as
+# <tool_call> JSON); without tools it renders exactly plain ChatML.
 CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% if tools %}{{ '<|im_start|>system\n' }}{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for t in tools %}{{ '\n' + (t | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": "
+    "<function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{% if not (tools and loop.first and m['role'] == 'system') %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] or '') }}"
+    "{% for c in m['tool_calls'] or [] %}{% if m['content'] or not loop.first %}{{ '\n' }}"
+    "{% endif %}{{ '<tool_call>\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": '"
+    " + (c['function']['arguments'] | tojson) + '}\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 LLAMA3 = (
@@ -96,10 +111,25 @@ def template_message(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in TRAINING_KEYS}
 
 
-def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool,
+           tools: list[dict] | None = None) -> str:
     return tokenizer.apply_chat_template(
-        [template_message(m) for m in messages], chat_template=template,
+        [template_message(m) for m in messages], tools=tools, chat_template=template,
         tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | None) -> None:
+    """A template without tool support drops tool definitions and calls without a word (an
+    assistant turn that only calls a tool would train just its end-of-turn marker): refuse."""
+    names = [(f"tool definition {t['function']['name']!r}", t["function"]["name"])
+             for t in tools or []]
+    names += [(f"turn {i}'s tool call {c['function']['name']!r}", c["function"]["name"])
+              for i, m in enumerate(messages) for c in m.get("tool_calls", [])]
+    lost = [what for what, name in names if name not in text]
+    if lost:
+        raise ValueError(f"the chat template does not render {', '.join(lost)}: it has no tool "
+                         "support. Use a template that renders tools (the model's own if it "
+                         "has one, or data.chat_template: chatml)")
 
 
 def _common_prefix(a, b) -> int:
@@ -121,7 +151,8 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
 _PROBE = "\u2983probe\u2984"
 
 
-def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple]]:
+def assistant_spans(tokenizer, template: str, messages: list[dict],
+                    tools: list[dict] | None = None) -> tuple[str, list[tuple]]:
     """The full rendered text and, per assistant turn, (start, end, train) character spans: the
     answer as the template renders it, and the end-of-turn marker the template closes the turn
     with, which the model must learn to emit. Not the template's header before the answer, and
@@ -132,31 +163,55 @@ def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str
     user message, so earlier text moves when a turn is added): each turn is located in the full
     rendering by rendering it once more with the answer replaced by a probe string.
     """
-    full = render(tokenizer, template, messages, add_generation_prompt=False)
+    full = render(tokenizer, template, messages, add_generation_prompt=False, tools=tools)
+    check_tools_rendered(full, messages, tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if m.get("tool_calls"):
+            spans.append((*_tool_call_span(tokenizer, template, messages, i, tools, full),
+                          m["train"]))
+            continue
         probed = messages[:i] + [dict(m, content=_PROBE)] + messages[i + 1:]
-        other = render(tokenizer, template, probed, add_generation_prompt=False)
+        other = render(tokenizer, template, probed, add_generation_prompt=False, tools=tools)
         start = _common_prefix(full, other)
         end = len(full) - _common_suffix(full, other, min(len(full), len(other)) - start)
         if other.count(_PROBE) != 1 or other[start:start + len(_PROBE)] != _PROBE:
             raise ValueError(f"the chat template does not render assistant turn {i}'s content "
                              "once, as given, so its loss mask cannot be located; choose "
                              "another data.chat_template")
-        spans.append((start, end + _turn_end(tokenizer, template, messages[: i + 1]), m["train"]))
+        spans.append((start, end + _turn_end(tokenizer, template, messages[: i + 1], tools),
+                      m["train"]))
     return full, spans
 
 
-def _turn_end(tokenizer, template: str, upto: list[dict]) -> int:
+def _tool_call_span(tokenizer, template, messages, i, tools, full) -> tuple[int, int]:
+    """Where assistant turn i, which calls tools, sits in `full`. Templates render a call their
+    own way, often instead of the content (Llama-3.1) or joined to it only when there is content
+    (Qwen2.5), so the probe replaces the whole turn: the turn starts where the renderings part,
+    and ends where the rest of the conversation, rendered alike in both, begins."""
+    plain = messages[:i] + [{"role": "assistant", "content": _PROBE}]
+    other = render(tokenizer, template, plain + messages[i + 1:], False, tools)
+    start = _common_prefix(full, other)
+    rest = other[other.index(_PROBE) + len(_PROBE) + _turn_end(tokenizer, template, plain, tools):] \
+        if other.count(_PROBE) == 1 else None
+    if rest is None or not full.endswith(rest) or len(full) - len(rest) <= start:
+        raise ValueError(f"the chat template does not render assistant turn {i} (a tool call) "
+                         "apart from the rest of the conversation, so its loss mask cannot be "
+                         "located; choose another data.chat_template")
+    return start, len(full) - len(rest)
+
+
+def _turn_end(tokenizer, template: str, upto: list[dict], tools: list[dict] | None = None) -> int:
     """Length of the end-of-turn marker after the last (assistant) message of `upto`: what the
     template writes after the answer both when the conversation ends there and when a user turn
     follows, less trailing whitespace."""
-    alone = render(tokenizer, template, upto[:-1] + [dict(upto[-1], content=_PROBE)], False)
+    alone = render(tokenizer, template, upto[:-1] + [dict(upto[-1], content=_PROBE)], False,
+                   tools)
     followed = render(tokenizer, template, upto[:-1] + [dict(upto[-1], content=_PROBE),
                                                          {"role": "user", "content": _PROBE}],
-                      False)
+                      False, tools)
     a = alone[alone.index(_PROBE) + len(_PROBE):]
     b = followed[followed.index(_PROBE) + len(_PROBE):]
     # Compared token by token: "<|end|>\n<|endoftext|>" and "<|end|>\n<|user|>" share the

@@ -41,7 +41,7 @@ def encode_example(tokenizer, ex: dict, max_seq_len: int, template: str | None =
         labels = list(ids)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
     elif ex["kind"] == "chat":
-        ids, labels = _encode_chat(tokenizer, template, ex["messages"])
+        ids, labels = _encode_chat(tokenizer, template, ex["messages"], ex.get("tools"))
     elif ex["kind"] == "classification":
         # EOS last: the head reads the final token, which then always means "end of text".
         ids = _bos(tokenizer) + tokenizer(ex["text"], add_special_tokens=False)["input_ids"]
@@ -57,14 +57,33 @@ def encode_example(tokenizer, ex: dict, max_seq_len: int, template: str | None =
     truncated = length > max_seq_len
     if truncated and truncation == "drop":
         ids, labels = [], []
+    elif truncated and truncation == "proportional":
+        bos = tokenizer.bos_token_id
+        ids, labels = _proportional(ids, labels, max_seq_len,
+                                    int(bos is not None and ids[0] == bos))
     else:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
     return {"input_ids": ids, "labels": labels, "length": len(ids), "original_length": length,
             "truncated": truncated, "n_trained": sum(1 for x in labels if x != IGNORE_INDEX)}
 
 
-def _encode_chat(tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[int]]:
-    text, spans = assistant_spans(tokenizer, template, messages)
+def _proportional(ids: list[int], labels: list[int], max_len: int, n_bos: int):
+    """Cut the prompt (before the first trained token) and the rest in proportion to their
+    lengths: the prompt keeps its BOS and its end (the question and the turn header next to the
+    answer), the rest keeps its start. At least one trained token survives."""
+    first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(ids))
+    if first <= n_bos or first >= len(ids):
+        return ids[:max_len], labels[:max_len]
+    keep_p = max(n_bos, min(first, max_len - 1, round(max_len * first / len(ids))))
+    keep_r = max_len - keep_p
+    p_idx = list(range(n_bos)) + list(range(first - (keep_p - n_bos), first))
+    idx = p_idx + list(range(first, first + keep_r))
+    return [ids[i] for i in idx], [labels[i] for i in idx]
+
+
+def _encode_chat(tokenizer, template: str, messages: list[dict],
+                 tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    text, spans = assistant_spans(tokenizer, template, messages, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     special = special_tokens(tokenizer)
     eos = tokenizer.eos_token_id

@@ -59,7 +59,7 @@ def test_multi_class_and_multi_label(tmp_path, kind):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("task: classification\nmodel:\n  name_or_path: builtin:tiny-llama\n"
-                   "data:\n  train_files: [d.jsonl]\n  eval_fraction: 0.2\n"
+                   "data:\n  train_files: [d.jsonl]\n  eval_fraction: 0.2\n  max_seq_len: 256\n"
                    "training:\n  micro_batch_size: 16\n  max_steps: 30\n  learning_rate: 3.0e-3\n"
                    "  logging_steps: 1\nlora:\n  r: 16\n")
     out = tmp_path / "run"

@@ -76,8 +76,19 @@ def test_identity_checks():
     cfg = load_config(DEMO_CONFIG)
     a = ckpt.run_identity(cfg, 2, 2)
     b = dict(a, world_size=4, global_batch_size=a["global_batch_size"] * 2)
-    with pytest.raises(Exception, match="cannot be resharded to 4"):
+    with pytest.raises(Exception, match="written by 2 processes .* this run has 4") as e:
         ckpt.check_compatible(a, b, "x")
+    # The refusal names both ways on: the setting, and the manual DeepSpeed converter.
+    assert "resume_world_size_change=convert" in str(e.value)
+    assert "python -m deepspeed.checkpoint.ds_to_universal --input_folder x/pytorch_model" \
+        in str(e.value)
+    with pytest.raises(Exception, match="global batch"):  # converting keeps the global batch
+        ckpt.check_compatible(a, b, "x", on_world_change="convert")
+    same_batch = dict(b, global_batch_size=a["global_batch_size"])
+    assert ckpt.check_compatible(a, same_batch, "x", on_world_change="convert") is True
+    assert ckpt.check_compatible(a, a, "x", on_world_change="convert") is False
+    with pytest.raises(Exception, match="written by 2 processes"):  # DeepSpeed -> DDP
+        ckpt.check_compatible(a, dict(same_batch, zero_stage=None), "x", on_world_change="convert")
     ddp_a, ddp_b = dict(a, zero_stage=None), dict(b, zero_stage=None)
     with pytest.raises(Exception, match="global batch"):
         ckpt.check_compatible(ddp_a, ddp_b, "x")

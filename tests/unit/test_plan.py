@@ -236,6 +236,20 @@ def test_llama3_8b_full_fine_tuning_on_8x80gib_needs_zero():
     assert rows["ZeRO-3+offload"]["total"] < rows["ZeRO-3"]["total"] < rows["ZeRO-2"]["total"]
 
 
+def test_equal_communication_prefers_the_stage_with_the_most_headroom():
+    """ZeRO-0, -1 and -2 move the same volume; all three fit here, and ZeRO-2 leaves the most
+    memory free. Offload or ZeRO-3 (more traffic) is not chosen while one of them fits."""
+    cfg = cfg_for("llama3_8b", "model.dtype=bf16", "lora.r=16", "data.max_seq_len=2048",
+                  "training.micro_batch_size=1", "training.gradient_checkpointing=true")
+    plan = estimate(cfg, 8, 80 * GiB)
+    rows = {r["name"]: r for r in plan["rows"]}
+    assert all(rows[n]["fits"] for n in ("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3"))
+    assert rows["ZeRO-2"]["total"] < rows["ZeRO-1"]["total"] < rows["ZeRO-0"]["total"]
+    assert plan["recommendation"]["name"] == "ZeRO-2"
+    # One process: the three are the same size, and the simplest wins the tie.
+    assert estimate(cfg, 1, 80 * GiB)["recommendation"]["name"] == "ZeRO-0"
+
+
 def test_lora_on_8b_fits_one_80gib_gpu_without_zero():
     cfg = cfg_for("llama3_8b", "model.dtype=bf16", "lora.r=16", "lora.dropout=0.05",
                   "data.max_seq_len=2048", "training.micro_batch_size=2",
@@ -273,11 +287,14 @@ def test_8bit_with_zero3_is_not_supported():
     assert plan["recommendation"]["stage"] in (0, 1, 2)
     assert format_table(plan).count("not supported: 8-bit") == 2
     # int8 Linear weights are 1 byte; the rest (embeddings, head, norms) and the LoRA adapters
-    # are fp32 (prepare_model_for_kbit_training upcasts).
+    # are upcast to fp32 by prepare_model_for_kbit_training, then cast to bf16 by the DeepSpeed
+    # engine (its _configure_distributed_model casts every floating-point parameter).
     shape = model_shape(cfg)
     int8 = sum(v for n, v in shape.linear_params.items() if n != "lm_head")
     assert plan["rows"][0]["weights"] == pytest.approx(
-        int8 + 4 * (shape.total_params - int8) + 4 * plan["trainable_params"], rel=0.01)
+        int8 + 2 * (shape.total_params - int8) + 2 * plan["trainable_params"], rel=0.01)
+    # Counting those ~1.05B parameters in fp32 would overstate the weights by about 2 GiB.
+    assert (shape.total_params - int8) * 2 / GiB == pytest.approx(1.96, abs=0.05)
 
 
 def test_largest_micro_batch_is_monotonic_in_memory_and_really_the_largest():

@@ -66,11 +66,12 @@ def test_zero_auto_takes_the_plans_recommendation_for_the_given_memory():
         rec = estimate(cfg, world, memory)["recommendation"]
         resolve_auto_zero(cfg, world, memory)
         assert (cfg.distributed.zero, cfg.distributed.offload) == (rec["stage"], rec["offload"])
-    # 40 GiB GPUs need more partitioning than 80 GiB ones for the same job.
+    # 40 GiB GPUs need at least as much partitioning as 80 GiB ones for the same job (both pick
+    # ZeRO-2 here: among the stages with DDP's traffic, the one with the most headroom).
     small, big = load_config(DEMO_CONFIG, sets), load_config(DEMO_CONFIG, sets)
     resolve_auto_zero(small, 8, 40 * GiB)
     resolve_auto_zero(big, 8, 80 * GiB)
-    assert (small.distributed.zero, small.distributed.offload) > \
+    assert (small.distributed.zero, small.distributed.offload) >= \
            (big.distributed.zero, big.distributed.offload)
 
 
