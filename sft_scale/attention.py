@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 
 import torch
@@ -40,15 +41,17 @@ def resolve_attn_implementation(cfg) -> str:
     """The attention implementation `cfg.model.attn_implementation` stands for on this machine.
 
     auto: flash_attention_2 when the flash_attn package is installed, CUDA is available and the
-    model runs in bf16/fp16 (flash-attention has no fp32 kernels); otherwise sdpa.
+    model runs in bf16/fp16 (flash-attention has no fp32 kernels); otherwise sdpa, or eager for
+    models whose attention SDPA cannot compute (Gemma-2's logit soft-capping).
     """
     from sft_scale.config import ConfigError
 
     impl = cfg.model.attn_implementation
     half = cfg.model.dtype in ("bf16", "fp16")
     if impl == "auto":
-        return "flash_attention_2" if (flash_attn_installed() and torch.cuda.is_available()
-                                       and half) else "sdpa"
+        if flash_attn_installed() and torch.cuda.is_available() and half:
+            return "flash_attention_2"
+        return "sdpa" if _supports_sdpa(cfg.model.name_or_path, cfg.model.revision) else "eager"
     if impl == "flash_attention_2":
         if not flash_attn_installed():
             raise ConfigError("'model.attn_implementation: flash_attention_2' needs the flash_attn "
@@ -62,6 +65,22 @@ def resolve_attn_implementation(cfg) -> str:
                               f"only, but model.dtype is {cfg.model.dtype!r}. Set model.dtype: "
                               "bf16, or use 'auto' or 'sdpa'.")
     return impl
+
+
+@functools.lru_cache(maxsize=8)
+def _supports_sdpa(name_or_path: str, revision: str | None) -> bool:
+    """transformers' own flag on the model class (config only, no weights); True when the
+    class cannot be known here (transformers then decides at load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft_scale.builtin import resolve_model_path
+
+    try:
+        mc = AutoConfig.from_pretrained(resolve_model_path(name_or_path), revision=revision)
+        cls = AutoModelForCausalLM._model_mapping[type(mc)]
+    except (OSError, ValueError, KeyError):
+        return True
+    return bool(getattr(cls, "_supports_sdpa", True))
 
 
 def load_attn_implementation(cfg) -> str:

@@ -28,7 +28,8 @@ from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError, MergeError
 from sft_scale.io_utils import atomic_dir
 from sft_scale.model import open_tokenizer
-from sft_scale.serving import copy_vocab_files, generation_eos, local_dir, serving_tokenizer
+from sft_scale.serving import (copy_vocab_files, generation_eos, local_dir, save_tokenizer,
+                               serving_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +308,14 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
         log.warning("greedy generations differ between merged and base+adapter (near-tied "
                     "logits at %s precision); logits agree within tolerance", dtype)
 
-    merged.generation_config = _generation_config(adapter, merged.generation_config,
-                                                  saved_tokenizer)
-    report["generation_eos_token_id"] = merged.generation_config.eos_token_id
+    if not classifier:
+        merged.generation_config = _generation_config(adapter, merged.generation_config,
+                                                      saved_tokenizer)
+        report["generation_eos_token_id"] = merged.generation_config.eos_token_id
     with atomic_dir(out_path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         _add_rope_theta(tmp / "config.json")
-        saved_tokenizer.save_pretrained(tmp)
+        save_tokenizer(saved_tokenizer, tmp)
         # Unchanged from the adapter (which training gave the base's) or else the base.
         report["tokenizer_files_copied"] = copy_vocab_files(adapter, tmp) + \
             copy_vocab_files(local_dir(base_path), tmp)

@@ -14,6 +14,7 @@ Written next to the weights (adapter/, best_adapter/, model/, and by `sft-scale 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -59,6 +60,17 @@ def serving_tokenizer(tokenizer, template: str | None, bos: bool | None):
     return tok
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """save_pretrained, plus `padding_side` in tokenizer_config.json: transformers 5 does not
+    write it, and some classes (LlamaTokenizer) reload as left-padding by default."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("padding_side") != tokenizer.padding_side:
+        config["padding_side"] = tokenizer.padding_side
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def generation_eos(base_eos, tokenizer, template: str | None) -> list[int]:
     """EOS ids for generation: the base's, the tokenizer's EOS, the template's end of turn."""
     ids = base_eos if isinstance(base_eos, list) else ([base_eos] if base_eos is not None else [])
@@ -98,9 +110,9 @@ class Serving:
     generation_config: object | None
     base_dir: Path | None
 
-    def save(self, folder: Path, save_tokenizer: bool = True) -> None:
-        if save_tokenizer:
-            self.tokenizer.save_pretrained(folder)
+    def save(self, folder: Path, with_tokenizer: bool = True) -> None:
+        if with_tokenizer:
+            save_tokenizer(self.tokenizer, folder)
             copy_vocab_files(self.base_dir, Path(folder))
         if self.generation_config is not None:
             self.generation_config.save_pretrained(folder)

@@ -177,8 +177,7 @@ def assistant_spans(tokenizer, template: str, messages: list[dict],
         other = render(tokenizer, template, probed, add_generation_prompt=False, tools=tools)
         start = _common_prefix(full, other)
         end = len(full) - _common_suffix(full, other, min(len(full), len(other)) - start)
-        if _PROBE not in other or other.count(_PROBE) != 1 or \
-                other[start:start + len(_PROBE)] != _PROBE and m["content"]:
+        if other.count(_PROBE) != 1 or other[start:start + len(_PROBE)] != _PROBE:
             raise ValueError(f"the chat template does not render assistant turn {i}'s content "
                              "once, as given, so its loss mask cannot be located; choose "
                              "another data.chat_template")

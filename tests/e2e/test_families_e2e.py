@@ -34,22 +34,23 @@ SERVE = """
 import json, sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, conv = Path(sys.argv[1]), json.loads(sys.argv[2])
-tok = AutoTokenizer.from_pretrained(folder)
-full = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
-prompt = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, return_tensors="pt",
-                                 return_dict=True)
-res = {"full": list(full), "padding_side": tok.padding_side,
-       "plain_bos": tok("x")["input_ids"][0] == tok.bos_token_id if tok.bos_token_id is not None
-       else False}
-if (folder / "config.json").exists():
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    res["eos"] = model.generation_config.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-    res["generated"] = out[0, prompt["input_ids"].shape[1]:].tolist()
-    res["text"] = tok.decode(res["generated"])
-print(json.dumps(res))
+conv, results = json.loads(sys.argv[1]), {}
+for folder in map(Path, sys.argv[2:]):
+    tok = AutoTokenizer.from_pretrained(folder)
+    full = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    res = results[folder.name] = {
+        "full": list(full), "padding_side": tok.padding_side,
+        "plain_bos": tok.bos_token_id is not None and tok("x")["input_ids"][0] == tok.bos_token_id}
+    if (folder / "config.json").exists():
+        prompt = tok.apply_chat_template(conv[:-1], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        res["eos"] = model.generation_config.eos_token_id
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+        res["generated"] = out[0, prompt["input_ids"].shape[1]:].tolist()
+        res["text"] = tok.decode(res["generated"])
+print(json.dumps(results))
 """
 
 
@@ -60,7 +61,7 @@ def config(tmp_path, family: str, base) -> tuple:
     cfg = {"model": {"name_or_path": str(base), "dtype": "fp32"},
            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
            "data": {"train_files": [str(data)], "chat_template": "tokenizer",
-                    "max_seq_len": 256},
+                    "max_seq_len": 256, "eval_fraction": 0.125},
            "training": {"seed": 0, "micro_batch_size": 8, "max_steps": 16,
                         "learning_rate": 2e-2, "warmup_steps": 0, "lr_scheduler": "constant",
                         "logging_steps": 4},
@@ -105,12 +106,16 @@ def test_family_trains_merges_and_serves_as_trained(family, family_model, tmp_pa
     trained = encode_example(base_tok, {"kind": "chat", "messages": [
         dict(m, train=m["role"] == "assistant") for m in conv]}, 4096, base_tok.chat_template)
     eot = base_tok.convert_tokens_to_ids(fam.end_of_turn)
-    for folder in (out / "adapter", merged):
-        res = plain(SERVE, folder, json.dumps(conv))
-        assert res["full"] == trained["input_ids"], folder.name
+    served = plain(SERVE, json.dumps(conv), out / "adapter", merged)
+    for res in served.values():
+        assert res["full"] == trained["input_ids"]
         assert res["padding_side"] == "right"
         assert res["plain_bos"] == (trained["input_ids"][0] == base_tok.bos_token_id)
-    assert (out / "adapter" / "generation_config.json").exists()
+    res = served["merged"]
+    for name in ("adapter", "best_adapter"):
+        for f in ("generation_config.json", "chat_template.jinja"):
+            assert (out / name / f).is_file(), (name, f)
+    assert (out / "best_adapter" / "chat_template.jinja").read_text() == base_tok.chat_template
     # The merged model stops where the trained answers stop: at the end-of-turn token.
     assert eot in (res["eos"] if isinstance(res["eos"], list) else [res["eos"]])
     assert res["generated"][-1] == eot and len(res["generated"]) < 24, res["text"]

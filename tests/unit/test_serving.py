@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from sft_scale.builtin import resolve_model_path
 from sft_scale.data.templates import CHATML, fallback_warning
-from sft_scale.serving import adds_bos, for_training, serving_tokenizer
+from sft_scale.serving import adds_bos, for_training, save_tokenizer, serving_tokenizer
 from tests.conftest import ROOT
 from tests.families import build_family, tokenizer_folder
 
@@ -23,6 +23,15 @@ def test_saved_tokenizer_adds_bos_as_training_did_and_reloads_right_padded(tmp_p
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert adds_bos(again) and again.padding_side == "right"
     assert again.chat_template == CHATML
+
+
+def test_saved_sentencepiece_tokenizer_reloads_right_padded(tmp_path):
+    # LlamaTokenizer (transformers 5) defaults to left padding, and save_pretrained does not
+    # write padding_side: it must be written explicitly.
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder("gemma2"))
+    assert type(tok).__name__ == "LlamaTokenizer"
+    save_tokenizer(serving_tokenizer(tok, None, None), tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "right"
 
 
 def test_generation_config_stops_at_the_templates_end_of_turn(tmp_path):
