@@ -203,8 +203,8 @@ def test_check_refuses_what_only_the_model_or_data_can_show(capsys, tmp_path):
         (["lora.r=512"], "'lora.r' (512) is larger than the layers it adapts"),
         (["data.chat_template=chatml2"], "'data.chat_template': 'chatml2' is not 'auto'"),
         # demo: 600 records, 16 per step: 38 steps in one epoch.
-        (["training.max_steps=0", "training.warmup_steps=100"],
-         "'training.warmup_steps' (100) is beyond the run's 38 steps"),
+        (["training.max_steps=0", "training.warmup_steps=500"],
+         "'training.warmup_steps' (500) is far beyond the run's 38 steps"),
         (["model.name_or_path=builtin:nope"], "unknown builtin model"),
         (["model.name_or_path=nobody-h16b/no-such-model"],
          "huggingface-cli download nobody-h16b/no-such-model --local-dir"),
