@@ -89,11 +89,11 @@ class Spec:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> "Spec":
+    def load(cls, path: Path) -> Spec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Spec":
+    def from_dict(cls, raw: dict) -> Spec:
         sub = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
         kw = {}
         for f in fields(cls):

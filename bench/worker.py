@@ -355,8 +355,8 @@ def preload(kinds) -> None:
             except Exception:  # noqa: BLE001 - the runner reports the real error
                 pass
     try:
-        from trl import SFTTrainer  # noqa: F401 - resolve TRL's lazy module once
         from transformers import Trainer  # noqa: F401
+        from trl import SFTTrainer  # noqa: F401 - resolve TRL's lazy module once
     except Exception:  # noqa: BLE001
         pass
 

@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +27,13 @@ from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError, MergeError
 from sft_scale.io_utils import atomic_dir
 from sft_scale.model import open_tokenizer
-from sft_scale.serving import (copy_vocab_files, generation_eos, local_dir, save_tokenizer,
-                               serving_tokenizer)
+from sft_scale.serving import (
+    copy_vocab_files,
+    generation_eos,
+    local_dir,
+    save_tokenizer,
+    serving_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from sft_scale.config import Config, ConfigError, dump_yaml
-from sft_scale.errors import OutputWriteError
 from sft_scale.io_utils import apply_umask, atomic_dir, atomic_write_json, atomic_write_text
 
 LOCK = ".run.lock"

@@ -28,7 +28,7 @@ VARIANTS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)
 # again in forward and backward (1.5x); ZeRO-3+offload does both.
 COMM_TIER = {(0, False): 0, (1, False): 0, (2, False): 0, (2, True): 1, (3, False): 2,
              (3, True): 3}
-_SHAPES: dict[str, "ModelShape"] = {}
+_SHAPES: dict[str, ModelShape] = {}
 
 
 @dataclass

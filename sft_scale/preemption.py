@@ -38,7 +38,7 @@ class Preemption:
     def _made_progress(self) -> bool:
         return self.state is not None and self.state.step != self.start_step
 
-    def install(self) -> "Preemption":
+    def install(self) -> Preemption:
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         return self

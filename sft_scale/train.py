@@ -57,21 +57,20 @@ def run(cfg: Config) -> dict:
 
     from sft_scale import checkpoint as ckpt
     from sft_scale import outputs
+    from sft_scale.builtin import resolve_model_path
     from sft_scale.data import GlobalBatchSampler
+    from sft_scale.data.templates import resolve_template
     from sft_scale.distributed import describe, make_accelerator
     from sft_scale.eval_loop import evaluate, improved
-    from sft_scale.metrics import plot_losses
-    from sft_scale.tasks import causal_lm, classification
+    from sft_scale.fastpaths import model_config, resolve_fast_paths
     from sft_scale.loop import build_optimizer, build_scheduler, total_steps, train_loop
     from sft_scale.manifest import attempt_record, git_commit, package_versions
-    from sft_scale.metrics import MetricsWriter
-    from sft_scale.fastpaths import model_config, resolve_fast_paths
+    from sft_scale.metrics import MetricsWriter, plot_losses
     from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
     from sft_scale.preflight import check_lora_fits, check_optimizer, resolve_deepspeed
-    from sft_scale.builtin import resolve_model_path
-    from sft_scale.data.templates import resolve_template
     from sft_scale.serving import for_training
+    from sft_scale.tasks import causal_lm, classification
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us

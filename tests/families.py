@@ -126,8 +126,8 @@ def _llama3_tokenizer():
     """Llama 3's tiktoken ranks -> a transformers fast tokenizer, as transformers' own
     TikTokenConverter builds it (with the pattern and the 256 special tokens of llama-models'
     Tokenizer). The ranks file is read here, so tiktoken need not be installed."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     data = _wheel_member("llama_models-*.whl", "llama_models/llama3/tokenizer.model").decode()
     ranks = {base64.b64decode(tok): int(rank)

@@ -106,7 +106,7 @@ class LocalSlurm:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check,
                               timeout=60)
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         self._munge()
         self._hosts()
         for sub in ("state", "spool"):

@@ -9,7 +9,7 @@ simply starts at its step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

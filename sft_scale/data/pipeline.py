@@ -14,8 +14,13 @@ from dataclasses import asdict, dataclass
 from jinja2.exceptions import TemplateError
 
 from sft_scale.config import Config, ConfigError, DatasetSource
-from sft_scale.data.formats import (MODALITY_COLUMNS, PROMPT_KEYS, detect_format,
-                                    to_example, unused_columns)
+from sft_scale.data.formats import (
+    MODALITY_COLUMNS,
+    PROMPT_KEYS,
+    detect_format,
+    to_example,
+    unused_columns,
+)
 from sft_scale.data.sources import SOURCE_COLUMN, DataError, apply_weight, load_source
 from sft_scale.data.templates import fallback_warning, resolve_template
 from sft_scale.data.tokenize import encode_example

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import train_metrics, ROOT, read_jsonl, run_train
+from tests.conftest import ROOT, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import train_metrics, DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train
+from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import train_metrics, ROOT, read_jsonl, run_train
+from tests.conftest import ROOT, read_jsonl, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -1,10 +1,8 @@
 """Checkpoint writing under failure, in-process with a real (single-process) Accelerator."""
 
 import errno
-import json
 
 import pytest
-import torch
 
 from sft_scale import checkpoint as ckpt
 from sft_scale.config import load_config

@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from sft_scale.config import load_config
-from sft_scale.plan import (GiB, ZERO3_SUB_GROUP, estimate, format_table, lora_params,
-                            measure_peak_cpu, model_shape, model_states, parse_size)
+from sft_scale.plan import (
+    ZERO3_SUB_GROUP,
+    GiB,
+    estimate,
+    format_table,
+    lora_params,
+    measure_peak_cpu,
+    model_shape,
+    model_states,
+    parse_size,
+)
 from tests.conftest import DEMO_CONFIG
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
