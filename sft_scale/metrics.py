@@ -80,9 +80,9 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(f"{metrics_path.parent.name}")

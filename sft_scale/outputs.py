@@ -124,7 +124,7 @@ def acquire_run_lock(out_dir: Path) -> Path:
                 f"output dir {out_dir} is in use by another run (host {holder.get('host', '?')}, "
                 f"pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}; lock "
                 f"file {lock}). Wait for it, choose another --output-dir, or delete the lock "
-                "file if that run is certainly gone.")
+                "file if that run is certainly gone.") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         atexit.register(release_run_lock, lock)

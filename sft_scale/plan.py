@@ -321,7 +321,7 @@ def estimate(cfg, world_size: int, gpu_memory_bytes: int, micro_batch: int | Non
         r = _row(cfg, shape, stage, offload, world_size, micro, overhead_bytes)
         if r["supported"]:
             r["fits"] = r["total"] <= budget
-            r["max_micro_batch"] = _largest_micro(lambda m: _row(
+            r["max_micro_batch"] = _largest_micro(lambda m, stage=stage, offload=offload: _row(
                 cfg, shape, stage, offload, world_size, m, overhead_bytes)["total"] <= budget)
         else:
             r.update(fits=False, max_micro_batch=None)

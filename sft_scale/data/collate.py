@@ -38,7 +38,7 @@ def collate_packed(examples: list[dict], pad_token_id: int | None = None) -> dic
         pos += range(n)
         cu.append(cu[-1] + n)
     cu_seq_lens = torch.tensor(cu, dtype=torch.int32)
-    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    longest = max(b - a for a, b in zip(cu, cu[1:], strict=False))
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([pos]), "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}

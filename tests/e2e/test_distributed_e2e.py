@@ -43,7 +43,7 @@ def test_zero2_ranks_disjoint_and_equal_to_one_rank_with_twice_the_accumulation(
     assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 8
     ranks = [read_jsonl(out / "data_trace" / f"rank{r}.jsonl") for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4
-    for a, b in zip(*ranks):
+    for a, b in zip(*ranks, strict=True):
         assert not set(a["examples"][0]) & set(b["examples"][0])
 
     one = tmp_path / "one"

@@ -31,7 +31,7 @@ def tok():
 def trained_runs(tok, enc) -> list[str]:
     """Each contiguous run of trained tokens, decoded."""
     runs, cur = [], []
-    for t, lab in zip(enc["input_ids"], enc["labels"]):
+    for t, lab in zip(enc["input_ids"], enc["labels"], strict=True):
         if lab != IGNORE_INDEX:
             assert lab == t
             cur.append(t)
@@ -142,7 +142,7 @@ def test_packed_row_loss_equals_each_example_alone(tok):
     assert packed["position_ids"][0].tolist() == sum([list(range(len(e["input_ids"]))) for e in exs], [])
     got = token_losses(packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
     start = 0
-    for e, ref in zip(exs, alone):
+    for e, ref in zip(exs, alone, strict=True):
         n = len(e["input_ids"])
         # positions start..start+n-2 predict the example's own tokens 1..n-1
         torch.testing.assert_close(got[start:start + n - 1], ref, atol=1e-5, rtol=1e-5)

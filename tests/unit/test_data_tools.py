@@ -41,7 +41,7 @@ def tok():
 def runs(tok, enc, trained=True) -> list[str]:
     """Each contiguous run of trained (or untrained) tokens, decoded."""
     out, cur = [], []
-    for t, lab in zip(enc["input_ids"], enc["labels"]):
+    for t, lab in zip(enc["input_ids"], enc["labels"], strict=True):
         if (lab != IGNORE_INDEX) == trained:
             cur.append(t)
         elif cur:
@@ -188,9 +188,9 @@ def test_proportional_truncation_keeps_part_of_a_long_prompt(tmp_path, tok, capl
     assert stats.dropped_no_trainable == 0 and len(train) == 2
     long = next(r for r in train if r["_source"].endswith(":1"))
     assert long["length"] == 32 and long["input_ids"][0] == tok.bos_token_id
-    trained = tok.decode([t for t, lab in zip(long["input_ids"], long["labels"])
+    trained = tok.decode([t for t, lab in zip(long["input_ids"], long["labels"], strict=True)
                           if lab != IGNORE_INDEX])
-    prompt = tok.decode([t for t, lab in zip(long["input_ids"][1:], long["labels"][1:])
+    prompt = tok.decode([t for t, lab in zip(long["input_ids"][1:], long["labels"][1:], strict=True)
                          if lab == IGNORE_INDEX])
     assert trained.startswith(" the") and prompt.rstrip().endswith("word")
 

@@ -172,7 +172,7 @@ def test_both_packed_sdpa_layouts_agree_in_outputs_and_gradients():
                                     [q, *kv])
         results.append((out.detach(), grads))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -287,7 +287,7 @@ def test_workers_give_each_rank_the_same_batches(packing):
         assert [s for s, _, _ in inline] == list(range(2, 12))
         # and they are the sampler's examples for this rank, collated as the loop always did
         for step, micro, _ in inline[:3]:
-            for idx, got in zip(sampler.micro_batches(step), micro):
+            for idx, got in zip(sampler.micro_batches(step), micro, strict=True):
                 want = task.collate([ds[i] for i in idx], 0)
                 assert got == {k: (v.tolist() if torch.is_tensor(v) else v)
                                for k, v in want.items()}
