@@ -64,7 +64,8 @@ def parse_sft_metrics(out: Path, warm: int) -> dict:
         else:
             step_s.append((s - prev) / r["tokens_per_s"] if r["tokens_per_s"] else float("nan"))
         prev = s
-    slots = [r.get("slots_seen", s / r["padding_efficiency"]) for r, s in zip(recs, seen, strict=True)]
+    slots = [r.get("slots_seen", s / r["padding_efficiency"])
+             for r, s in zip(recs, seen, strict=True)]
     w = min(warm, len(recs) - 1)
     timed_s = sum(step_s[w:])
     real_timed = seen[-1] - (seen[w - 1] if w else 0)

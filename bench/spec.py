@@ -59,7 +59,8 @@ class TrainSpec:
 
     @property
     def n_examples(self) -> int:
-        # One epoch over exactly steps x global batch examples: every method trains each example once.
+        # One epoch over exactly steps x global batch examples: every method trains each example
+        # once.
         return self.steps * self.global_batch
 
 

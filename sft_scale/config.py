@@ -636,7 +636,8 @@ def check_values(cfg: Config) -> list[Problem]:
     checks = [
         (0 <= t.seed < SEED_LIMIT, "training.seed", "must be in [0, 2^32)"),
         (t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1"),
-        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
+         "must be >= 1"),
         (t.max_steps >= 0, "training.max_steps", "must be >= 0 (0 derives it from num_epochs)"),
         (t.max_steps > 0 or t.num_epochs > 0, "training.num_epochs",
          "must be > 0 when training.max_steps is 0"),

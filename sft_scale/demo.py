@@ -1,4 +1,5 @@
-"""`sft-scale demo`: pretrained base -> supervised fine-tune -> evaluate, offline, in about a minute.
+"""`sft-scale demo`: pretrained base -> supervised fine-tune -> evaluate, offline, in about a
+minute.
 
 The held-out metric is exact match of greedy answers on reviews whose (subject, adjective) pairs
 never occur in training.

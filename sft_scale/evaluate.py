@@ -48,7 +48,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 def contains(predictions: list[str], references: list[str]) -> float:
     if not references:
         return float("nan")
-    return sum(_normalise(r) in _normalise(p) for p, r in zip(predictions, references, strict=True)) / len(references)
+    hits = sum(_normalise(r) in _normalise(p)
+               for p, r in zip(predictions, references, strict=True))
+    return hits / len(references)
 
 
 def label_scores(predictions: list[str], references: list[str]) -> dict:

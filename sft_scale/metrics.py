@@ -53,7 +53,8 @@ class MetricsWriter:
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(("eval/" if k.startswith("eval") or k in ("perplexity", "accuracy", "f1") else "train/") + k, v, step)
+                is_eval = k.startswith("eval") or k in ("perplexity", "accuracy", "f1")
+                self.tb.add_scalar(("eval/" if is_eval else "train/") + k, v, step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)

@@ -102,7 +102,8 @@ def acquire_run_lock(out_dir: Path) -> Path:
     job takes over the lock of its own earlier attempt (same job id: SLURM never runs both)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = out_dir / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "proc_start": _process_start(os.getpid()),
           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     for _ in range(3):

@@ -125,7 +125,8 @@ def run(cfg: Config) -> dict:
         task = classification(len(labels), problem)
     else:
         problem, task = None, causal_lm(cfg.data.packing, fast["loss"])
-    resolved = {"task": cfg.task, "problem": problem,"world_size": world, "global_batch_size": cfg.global_batch_size(world),
+    resolved = {"task": cfg.task, "problem": problem, "world_size": world,
+                "global_batch_size": cfg.global_batch_size(world),
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
                 "total_steps": steps, "data": data_stats.as_dict(),
@@ -230,7 +231,8 @@ def run(cfg: Config) -> dict:
     if preempted:
         if main_proc:
             attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           ended=f"preempted at step {state.step} ({', '.join(preemption.received) or 'signal on another rank'})")
+                           ended=f"preempted at step {state.step} "
+                                 f"({', '.join(preemption.received) or 'signal on another rank'})")
             _finish_attempt(outputs, out_dir, attempt, "preempted")
             print(f"preempted: checkpoint at step {state.step} written; rerun the same command "
                   "to resume", flush=True)

@@ -21,7 +21,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
 
-def collate_packed(examples: list[dict], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[dict],
+                   pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
     """All examples in one row, no padding. Position ids restart at 0 for each example, and with
     no attention mask transformers derives a block-diagonal causal mask from them (varlen kernels
     with flash-attention), so no token attends across examples. The first label of each example

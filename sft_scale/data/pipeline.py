@@ -246,7 +246,8 @@ def repeated_examples(train, eval_ds) -> tuple[list[str], list[str]]:
 def _finish(ds, what: str):
     stats = DataStats(truncated=sum(ds["truncated"]))
     too_long = [s for s, n in zip(ds[SOURCE_COLUMN], ds["length"], strict=True) if n == 0]
-    untrainable = [s for s, n, t in zip(ds[SOURCE_COLUMN], ds["length"], ds["n_trained"], strict=True)
+    untrainable = [s for s, n, t in zip(ds[SOURCE_COLUMN], ds["length"], ds["n_trained"],
+                                        strict=True)
                    if n > 0 and t == 0]
     if too_long or untrainable:
         ds = ds.filter(lambda r: r["n_trained"] > 0, desc="drop over-long / untrainable")
