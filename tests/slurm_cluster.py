@@ -84,7 +84,8 @@ def available() -> str | None:
     """None if a cluster can be started here, else why not."""
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(b)]
     if missing:
-        return f"SLURM not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
+        return (f"SLURM not installed ({', '.join(missing)} missing; "
+                "apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         return "starting slurmd/munged needs root"
     return None

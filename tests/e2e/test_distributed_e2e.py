@@ -16,7 +16,8 @@ SMALL = ("training.max_steps=4", "training.micro_batch_size=4", "training.loggin
 
 
 def ds_launch(stage: str) -> list[str]:
-    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / f"{stage}.json")]
+    return ["--use_deepspeed", "--deepspeed_config_file",
+            str(ROOT / "ds_configs" / f"{stage}.json")]
 
 
 def losses(out):
@@ -36,7 +37,8 @@ def zero2_run(tmp_path_factory):
     return out, proc
 
 
-def test_zero2_ranks_disjoint_and_equal_to_one_rank_with_twice_the_accumulation(zero2_run, tmp_path):
+def test_zero2_ranks_disjoint_and_equal_to_one_rank_with_twice_the_accumulation(zero2_run,
+                                                                                 tmp_path):
     out, proc = zero2_run
     assert "distributed: DEEPSPEED, world size 2" in proc.stderr
     resolved = json.loads((out / "deepspeed.resolved.json").read_text())

@@ -20,7 +20,8 @@ RELOAD = textwrap.dedent("""
     from peft import PeftModel
     out, eight_bit = sys.argv[1], sys.argv[2] == "1"
     base = json.load(open(out + "/adapter/adapter_config.json"))["base_model_name_or_path"]
-    kw = dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu") if eight_bit else {}
+    kw = (dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+          if eight_bit else {})
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kw)
     model = PeftModel.from_pretrained(model, out + "/adapter").eval()
     probe = load_file(out + "/probe.safetensors")

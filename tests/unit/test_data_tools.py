@@ -24,7 +24,8 @@ TOOL_TEMPLATE = (
     "{% if m['role'] == 'tool' %}ipython{% else %}{{ m['role'] }}{% endif %}<|end_header_id|>\n\n"
     "{% if tools and loop.first %}Tools: {% for t in tools %}{{ t['function']['name'] }} "
     "{% endfor %}\n{% endif %}"
-    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}{\"name\": \"{{ c['function']['name'] }}\", "
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}"
+    "{\"name\": \"{{ c['function']['name'] }}\", "
     "\"parameters\": {{ c['function']['arguments'] | tojson }}}{% endfor %}"
     "{% else %}{{ m['content'] }}{% endif %}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
@@ -51,7 +52,8 @@ def runs(tok, enc, trained=True) -> list[str]:
 
 def records(path: Path) -> list[dict]:
     text = path.read_text()
-    rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines()]
+    rows = (json.loads(text) if path.suffix == ".json"
+            else [json.loads(x) for x in text.splitlines()])
     return [dict(r, _source=f"{path.name}:{i + 1}") for i, r in enumerate(rows)]
 
 

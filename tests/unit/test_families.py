@@ -99,7 +99,8 @@ def test_trained_tokens_are_each_answer_and_its_end_of_turn_token(tokenizers, fa
     # template closes with its own end-of-turn token, BOS only where the template writes it.
     assert enc["input_ids"] == ref["input_ids"]
     trained = [lab != IGNORE_INDEX for lab in enc["labels"]]
-    assert all(lab == t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != IGNORE_INDEX)
+    assert all(lab == t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True)
+               if lab != IGNORE_INDEX)
     answers = [m for m in messages if m["role"] == "assistant"]
     ref_runs = runs(ref["input_ids"], ref["assistant_masks"])
     assert len(ref_runs) == len(answers)

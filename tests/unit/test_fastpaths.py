@@ -205,7 +205,8 @@ def test_auto_resolution_on_this_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert A.resolve_attn_implementation(cfg_with(model={"dtype": "bf16"})) == "flash_attention_2"
     assert A.resolve_attn_implementation(cfg_with(model={"dtype": "fp32"})) == "sdpa"
-    # auto loss: liger with liger-kernel on CUDA; standard under ZeRO-3 and for post-processed logits
+    # auto loss: liger with liger-kernel on CUDA; standard under ZeRO-3 and for post-processed
+    # logits
     monkeypatch.setattr(L, "liger_installed", lambda: True)
     assert resolve_loss(cfg)[0] == "liger"
     assert resolve_loss(cfg, zero_stage=3)[0] == "standard"
@@ -244,7 +245,8 @@ def test_impossible_switches_fail_early_naming_the_key(monkeypatch):
     import sft_scale.loss as L
 
     monkeypatch.setattr(A, "flash_attn_installed", lambda: False)
-    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2.*flash_attn"):
+    with pytest.raises(ConfigError,
+                       match="model.attn_implementation: flash_attention_2.*flash_attn"):
         resolve_fast_paths(cfg_with(model={"attn_implementation": "flash_attention_2",
                                            "dtype": "bf16"}))
     monkeypatch.setattr(L, "liger_installed", lambda: False)

@@ -443,5 +443,6 @@ def test_4bit_70b_lora_fits_one_and_two_80gib_gpus_and_bf16_is_told_to_quantize(
 def test_8bit_optimizer_states_are_a_quarter():
     sets = ("model.dtype=bf16", "data.max_seq_len=512", "lora.r=16")
     a = estimate(cfg_for("llama3_8b", *sets), 1, 80 * GiB)["rows"][0]
-    b = estimate(cfg_for("llama3_8b", *sets, "training.optimizer=adamw_8bit"), 1, 80 * GiB)["rows"][0]
+    b = estimate(cfg_for("llama3_8b", *sets, "training.optimizer=adamw_8bit"), 1,
+                 80 * GiB)["rows"][0]
     assert b["optimizer"] * 4 == a["optimizer"]
