@@ -111,7 +111,7 @@ def two_node_run(cluster, tmp_path_factory):
     return out
 
 
-def test_two_node_zero2_job_has_world_size_two(two_node_run):
+def test_two_node_zero2_job_has_world_size_two(cluster, two_node_run):
     log = log_of(two_node_run, job_id(two_node_run))
     assert "distributed: DEEPSPEED, world size 2" in log
     assert "process-group timeout 30 min (distributed.timeout_minutes)" in log
