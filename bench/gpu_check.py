@@ -155,8 +155,9 @@ def run_method(name: str, kind: str, opts: dict, spec: Spec, work: Path, device:
 
 
 def environment() -> dict:
-    import torch
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     env = {"python": platform.python_version(), "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}

@@ -65,7 +65,7 @@ class Meter:
         if mask is not None and mask.dim() == 2:
             self.real += int(mask.sum())
             self.examples += int((mask.sum(-1) > 0).sum())
-            for row, m in zip(ids, mask):
+            for row, m in zip(ids, mask, strict=True):
                 self.seen.add(hash(tuple(row[m.bool()].tolist())))
         else:
             real = ids != self.pad
@@ -77,7 +77,7 @@ class Meter:
                     [i for i in (pos[r, :n] == 0).nonzero().flatten().tolist()] or [0]
                 bounds = starts + [n]
                 row = ids[r].tolist()
-                for a, b in zip(bounds, bounds[1:]):
+                for a, b in zip(bounds, bounds[1:], strict=False):
                     self.seen.add(hash(tuple(row[a:b])))
 
     def attach(self, model) -> None:

@@ -71,7 +71,7 @@ def worker(force: bool, steps: int) -> dict:
     accelerator.end_training()
     return {"force": force, "optimizer": base, "params": params, "prepare_s": prepare_s,
             "fwd_bwd_s": statistics.median(fwd_bwd), "opt_s": statistics.median(opt),
-            "step_s": statistics.median(a + b for a, b in zip(fwd_bwd, opt)),
+            "step_s": statistics.median(a + b for a, b in zip(fwd_bwd, opt, strict=True)),
             "loss": float(loss)}
 
 

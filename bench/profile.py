@@ -21,7 +21,8 @@ from bench.spec import default_spec, quick_spec
 KINDS = [
     ("GEMM (linear layers, LoRA, LM head)", ("aten::mm", "aten::addmm", "aten::bmm",
                                              "aten::matmul", "aten::linear")),
-    ("attention (SDPA kernels)", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    ("attention (SDPA kernels)",
+     ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
     ("optimizer (AdamW)", ("_foreach_", "adam", "Optimizer.step")),
     ("elementwise / norms / activations", ("aten::mul", "aten::add", "aten::silu", "aten::pow",
                                            "aten::rsqrt", "aten::mean", "aten::neg", "aten::cat",

@@ -115,7 +115,8 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
     byname = M.by_name(methods)
     base = agg.get(M.BASELINE, {})
     ceil = agg.get(M.CEILING, {})
-    b_tps, c_tps, b_rss = base.get("tokens_per_s"), ceil.get("tokens_per_s"), base.get("peak_rss_mb")
+    b_tps, c_tps = base.get("tokens_per_s"), ceil.get("tokens_per_s")
+    b_rss = base.get("peak_rss_mb")
     c_cpu = ceil.get("tokens_per_cpu_s")
     t = spec.train
     L = []
@@ -378,7 +379,8 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
             factors.append((f, short, name, fcpu))
         tc = a.get("tokens_per_cpu_s")
         fc = _ratio(prev_cpu, tc) if prev_cpu else None
-        w(f"| {short}: {label} | {name} | {_f(tps)} | {_f(a.get('padding_efficiency'), '{:.0%}')} | "
+        w(f"| {short}: {label} | {name} | {_f(tps)} | "
+          f"{_f(a.get('padding_efficiency'), '{:.0%}')} | "
           f"{_f(f, '{:.2f}x')} | {_f(_ratio(c_tps, tps), '{:.2f}x')} | {_f(tc)} | "
           f"{_f(fc, '{:.2f}x')} |")
         prev = tps if tps else prev

@@ -58,13 +58,14 @@ def parse_sft_metrics(out: Path, warm: int) -> dict:
         raise ValueError(f"expected one record per step (logging_steps=1), got steps {steps}")
     seen = [r["tokens_seen"] for r in recs]
     step_s, prev = [], 0
-    for r, s in zip(recs, seen):
+    for r, s in zip(recs, seen, strict=True):
         if "step_time_s" in r:  # logged since sft_scale 2d08c45; older runs: from tokens/s
             step_s.append(r["step_time_s"])
         else:
             step_s.append((s - prev) / r["tokens_per_s"] if r["tokens_per_s"] else float("nan"))
         prev = s
-    slots = [r.get("slots_seen", s / r["padding_efficiency"]) for r, s in zip(recs, seen)]
+    slots = [r.get("slots_seen", s / r["padding_efficiency"])
+             for r, s in zip(recs, seen, strict=True)]
     w = min(warm, len(recs) - 1)
     timed_s = sum(step_s[w:])
     real_timed = seen[-1] - (seen[w - 1] if w else 0)

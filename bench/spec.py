@@ -59,7 +59,8 @@ class TrainSpec:
 
     @property
     def n_examples(self) -> int:
-        # One epoch over exactly steps x global batch examples: every method trains each example once.
+        # One epoch over exactly steps x global batch examples: every method trains each example
+        # once.
         return self.steps * self.global_batch
 
 
@@ -89,11 +90,11 @@ class Spec:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> "Spec":
+    def load(cls, path: Path) -> Spec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Spec":
+    def from_dict(cls, raw: dict) -> Spec:
         sub = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
         kw = {}
         for f in fields(cls):

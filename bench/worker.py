@@ -169,7 +169,8 @@ def _callback(meter: Meter):
 
 def _common_args(spec: Spec, work: Path) -> dict:
     t = spec.train
-    return dict(output_dir=str(work / "trainer_out"), per_device_train_batch_size=t.micro_batch_size,
+    return dict(output_dir=str(work / "trainer_out"),
+                per_device_train_batch_size=t.micro_batch_size,
                 gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=t.steps,
                 learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
                 weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, warmup_steps=0,
@@ -355,8 +356,8 @@ def preload(kinds) -> None:
             except Exception:  # noqa: BLE001 - the runner reports the real error
                 pass
     try:
-        from trl import SFTTrainer  # noqa: F401 - resolve TRL's lazy module once
         from transformers import Trainer  # noqa: F401
+        from trl import SFTTrainer  # noqa: F401 - resolve TRL's lazy module once
     except Exception:  # noqa: BLE001
         pass
 

@@ -140,7 +140,7 @@ def _sdpa_each_example(sdpa, module, query, key, value, cu_seq_lens_q, **kwargs)
     is small next to CPU attention, and reading the boundaries costs no device sync."""
     bounds = cu_seq_lens_q.tolist()
     outs = [sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                 is_causal=True, **kwargs)[0] for a, b in zip(bounds, bounds[1:])]
+                 is_causal=True, **kwargs)[0] for a, b in zip(bounds, bounds[1:], strict=False)]
     return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim]
 
 

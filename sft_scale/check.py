@@ -36,19 +36,23 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
               n_show: int = 2, gpu_memory: int | None = None) -> dict:
     """Print each check as it passes; raise ConfigError / DataError at the first that fails.
     Returns the figures as a dict (for tests and --json)."""
+    import datasets
     from transformers import AutoConfig
 
     from sft_scale.builtin import resolve_model_path
-    from sft_scale.data.pipeline import (_finish, encode_dataset, label_names, sample_examples,
-                                         train_sources)
+    from sft_scale.data.pipeline import (
+        _finish,
+        encode_dataset,
+        label_names,
+        sample_examples,
+        train_sources,
+    )
     from sft_scale.data.preview import mark_trained
     from sft_scale.fastpaths import resolve_fast_paths
     from sft_scale.loop import total_steps
     from sft_scale.model import load_tokenizer
     from sft_scale.plan import dtype_bytes, lora_params, model_shape
     from sft_scale.preflight import check_lora_fits, resolve_auto_zero, resolve_deepspeed
-
-    import datasets
 
     datasets.disable_progress_bars()  # check prints a report; bars would drown it
     report: dict = {}

@@ -15,7 +15,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import pickle
 import shutil
@@ -379,8 +378,8 @@ def save_checkpoint(accelerator, scheduler, state, identity: dict, out_dir: Path
         prev = [p for p in list_checkpoints(out_dir) if p != final]
         raise CheckpointError(
             f"could not write the checkpoint for step {state.step} in {root}: "
-            f"{error or 'another rank failed'}{diagnose_full_disk(root, prev)}. Nothing was changed: the "
-            f"previous checkpoint "
+            f"{error or 'another rank failed'}{diagnose_full_disk(root, prev)}. Nothing was "
+            f"changed: the previous checkpoint "
             f"({prev[-1].name if prev else 'none'}) is intact. Free disk space or fix permissions, "
             "then rerun the same command to resume.") from error
     if main:

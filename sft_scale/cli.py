@@ -98,7 +98,8 @@ def cmd_check(args) -> int:
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
     layout = Layout(nproc_per_node=args.gpus_per_node, nodes=args.nodes,
-                    master_addr=args.master_addr, zero=args.zero if args.zero is not None else cfg.distributed.zero,
+                    master_addr=args.master_addr,
+                    zero=args.zero if args.zero is not None else cfg.distributed.zero,
                     offload=args.offload or cfg.distributed.offload,
                     deepspeed_config=args.deepspeed_config or cfg.distributed.deepspeed_config)
     report = run_check(args.config, args.overrides, args.output_dir, layout,
@@ -202,7 +203,8 @@ def cmd_gguf(args) -> int:
 
 def _print_gguf(report: dict) -> None:
     print(f"GGUF written: {report['gguf']} ({report['outtype']}); run by llama.cpp against "
-          f"{report['model']}: sample texts tokenised equal {report['sample_texts_tokenised_equal']}"
+          f"{report['model']}: sample texts tokenised equal "
+          f"{report['sample_texts_tokenised_equal']}"
           f", max |log-prob diff| {report['max_abs_logprob_diff']:.3g} (tolerance "
           f"{report['tolerance']}), greedy generations equal: {report['greedy_generations_equal']}")
 
@@ -222,7 +224,8 @@ def cmd_eval(args) -> int:
     cfg.model.name_or_path = args.model
     cfg.eval.max_new_tokens = args.max_new_tokens
     cfg.eval.max_examples = args.max_examples
-    result = eval_before_after(cfg, args.adapter, [DatasetSource(path=str(Path(args.data).absolute()))])
+    result = eval_before_after(cfg, args.adapter,
+                               [DatasetSource(path=str(Path(args.data).absolute()))])
     print(format_table(result))
     return 0
 
@@ -343,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     gguf_args(p, "--gguf-type", default="f16", text="GGUF weight type with --format gguf")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("gguf", help="llama.cpp's GGUF converter: install it, convert a model folder")
+    p = sub.add_parser("gguf",
+                       help="llama.cpp's GGUF converter: install it, convert a model folder")
     gguf_sub = p.add_subparsers(dest="gguf_command", required=True)
     p = gguf_sub.add_parser("setup", help="download llama-cpp-python's pinned source package once "
                             "and keep its converter (make install runs this)")

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -26,13 +26,13 @@ from sft_scale.errors import ConfigError  # noqa: F401  (re-exported: its histor
 class ModelConfig:
     # A local folder or a hub id; "builtin:tiny-llama" is the embedded demo model.
     name_or_path: str = "builtin:tiny-llama"
-    tokenizer: Optional[str] = None  # defaults to name_or_path
+    tokenizer: str | None = None  # defaults to name_or_path
     # Tokens added to the tokenizer (e.g. tool-call tags) and added special tokens (never split,
     # kept by decode unless skip_special_tokens). The embedding grows to fit; with LoRA only the
     # new rows are trained and saved (peft trainable_token_indices), see README "Adding tokens".
     add_tokens: list[str] = field(default_factory=list)
     add_special_tokens: list[str] = field(default_factory=list)
-    revision: Optional[str] = None
+    revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
     # bf16/fp16; else sdpa (with packing: our per-example SDPA, see sft_scale/attention.py).
@@ -50,7 +50,7 @@ class QuantizationConfig:
     # Quantize the per-block scales too (~0.37 fewer bits per parameter, QLoRA's default).
     bnb_4bit_use_double_quant: bool = True
     # The dtype 4-bit layers dequantize to and compute in; null follows model.dtype.
-    bnb_4bit_compute_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    bnb_4bit_compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     # The dtype the packed 4-bit bytes are stored as. auto: uint8, except under ZeRO-3 the
     # compute dtype, so that ZeRO-3 can partition them with the other weights (PEFT's
     # "DeepSpeed + QLoRA" route; sft_scale/model.py: quant_storage_dtype).
@@ -63,7 +63,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: Union[str, list[str]] = "all-linear"
+    target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] = field(default_factory=list)
     bias: Literal["none", "all", "lora_only"] = "none"
 
@@ -79,17 +79,17 @@ class DatasetSource:
     path: str = ""
     format: Format = "auto"
     split: str = "train"
-    name: Optional[str] = None  # hub dataset config name
-    weight: Optional[float] = None  # 2.0 repeats the source twice, 0.5 takes half
-    count: Optional[int] = None  # exactly this many records (repeating if needed)
+    name: str | None = None  # hub dataset config name
+    weight: float | None = None  # 2.0 repeats the source twice, 0.5 takes half
+    count: int | None = None  # exactly this many records (repeating if needed)
     # .txt files: one record per line, per blank-line-separated paragraph, or per file.
     sample_by: Literal["line", "paragraph", "document"] = "line"
     # This source's field names where they differ from ours, {ours: theirs}; ours are messages,
     # conversations, system, tools, instruction, input, output, history, prompt, completion,
     # text, label. E.g. {messages: dialog, system: sys}.
     columns: dict[str, str] = field(default_factory=dict)
-    role_key: Optional[str] = None  # the role field of a turn (default: role, or from for sharegpt)
-    content_key: Optional[str] = None  # the text field of a turn (default: content, or value)
+    role_key: str | None = None  # the role field of a turn (default: role, or from for sharegpt)
+    content_key: str | None = None  # the text field of a turn (default: content, or value)
     # This source's role tags, {theirs: ours}, ours being system, user, assistant, tool (a tool
     # result) and function_call (an assistant tool call written as JSON text). Added to the
     # defaults (human/gpt/observation/function_call and the OpenAI role names).
@@ -104,9 +104,9 @@ class DataConfig:
     eval_datasets: list[DatasetSource] = field(default_factory=list)
     eval_fraction: float = 0.0  # held out from the training mix when no eval files are given
     format: Format = "auto"
-    prompt_field: Optional[str] = None  # prompt/completion field names when not the usual ones
-    answer_field: Optional[str] = None
-    system_prompt: Optional[str] = None  # prepended as a system turn to chats that have none
+    prompt_field: str | None = None  # prompt/completion field names when not the usual ones
+    answer_field: str | None = None
+    system_prompt: str | None = None  # prepended as a system turn to chats that have none
     # "auto": the tokenizer's own template, else chatml. Or a name (chatml, llama3) or Jinja text.
     chat_template: str = "auto"
     train_on_inputs: bool = False
@@ -123,12 +123,12 @@ class DataConfig:
     # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
     # example (our packed SDPA or flash-attention 2) and the model passes example boundaries to
     # its attention; off otherwise (sft_scale/fastpaths.py: resolve_packing).
-    packing: Union[bool, Literal["auto"]] = "auto"
+    packing: bool | Literal["auto"] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
     # Tokenized data written by `sft-scale data prepare` (relative: to the config file's folder).
     # Unset: OUTPUT_DIR/prepared_data when that exists, else the job tokenizes at start-up.
-    prepared_dir: Optional[str] = None
+    prepared_dir: str | None = None
     # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
     num_workers: int = 0
     pin_memory: bool = True  # pinned host batches for faster host->GPU copies; ignored on CPU
@@ -194,9 +194,9 @@ class DistributedConfig:
     # records the intent so the launch helpers and checks can read it.
     # 0-3: ds_configs/zeroN.json; null: DDP; auto: the least-communication stage (and offload)
     # whose estimated memory fits the device, decided in the job (see sft_scale/plan.py).
-    zero: Union[int, Literal["auto"], None] = None
+    zero: int | Literal["auto"] | None = None
     offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; wins over zero
+    deepspeed_config: str | None = None  # a DeepSpeed JSON of your own; wins over zero
     # How long a collective may wait for the slowest rank before the process group gives up
     # (torch.distributed / DeepSpeed init_distributed). Raise it when rank 0 does long work the
     # others wait for (tokenizing a big dataset, writing a big checkpoint to a slow filesystem).
@@ -245,7 +245,7 @@ class Config:
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Where the config came from; paths in it are resolved against this file's folder.
-    source: Optional[str] = field(default=None, metadata={"internal": True})
+    source: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -636,7 +636,8 @@ def check_values(cfg: Config) -> list[Problem]:
     checks = [
         (0 <= t.seed < SEED_LIMIT, "training.seed", "must be in [0, 2^32)"),
         (t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1"),
-        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
+         "must be >= 1"),
         (t.max_steps >= 0, "training.max_steps", "must be >= 0 (0 derives it from num_epochs)"),
         (t.max_steps > 0 or t.num_epochs > 0, "training.num_epochs",
          "must be > 0 when training.max_steps is 0"),

@@ -60,7 +60,8 @@ def load_ds_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: DeepSpeed config not found; use one of "
-                          f"{sorted(x.name for x in DS_CONFIG_DIR.glob('*.json'))} in {DS_CONFIG_DIR}")
+                          f"{sorted(x.name for x in DS_CONFIG_DIR.glob('*.json'))} in "
+                          f"{DS_CONFIG_DIR}")
     try:
         ds = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -1,4 +1,5 @@
-"""`sft-scale demo`: pretrained base -> supervised fine-tune -> evaluate, offline, in about a minute.
+"""`sft-scale demo`: pretrained base -> supervised fine-tune -> evaluate, offline, in about a
+minute.
 
 The held-out metric is exact match of greedy answers on reviews whose (subject, adjective) pairs
 never occur in training.
@@ -42,6 +43,6 @@ def _print_report(report: dict, before: dict, after: dict) -> None:
     print(f"{'after':8}{report['after']:>10.1%} ({round(report['after'] * n)}/{n})")
     print(f"gain: {report['after'] - report['before']:+.1%} after {report['train_steps']} steps "
           f"({report['train_seconds']:.0f} s)")
-    for b, a in zip(before["examples"][:3], after["examples"][:3]):
+    for b, a in zip(before["examples"][:3], after["examples"][:3], strict=True):
         print(f"  {a['prompt']!r}\n    expected {a['answer']!r}  before {b['prediction']!r}  "
               f"after {a['prediction']!r}")

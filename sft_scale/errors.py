@@ -11,7 +11,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class SftScaleError(Exception):

@@ -41,14 +41,16 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
 def exact_match(predictions: list[str], references: list[str]) -> float:
     if not references:
         return float("nan")
-    hits = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references))
+    hits = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True))
     return hits / len(references)
 
 
 def contains(predictions: list[str], references: list[str]) -> float:
     if not references:
         return float("nan")
-    return sum(_normalise(r) in _normalise(p) for p, r in zip(predictions, references)) / len(references)
+    hits = sum(_normalise(r) in _normalise(p)
+               for p, r in zip(predictions, references, strict=True))
+    return hits / len(references)
 
 
 def label_scores(predictions: list[str], references: list[str]) -> dict:
@@ -61,11 +63,11 @@ def label_scores(predictions: list[str], references: list[str]) -> dict:
     r = [_normalise(x) for x in references]
     f1s = []
     for c in classes:
-        tp = sum(a == c and b == c for a, b in zip(p, r))
-        fp = sum(a == c and b != c for a, b in zip(p, r))
-        fn = sum(a != c and b == c for a, b in zip(p, r))
+        tp = sum(a == c and b == c for a, b in zip(p, r, strict=True))
+        fp = sum(a == c and b != c for a, b in zip(p, r, strict=True))
+        fn = sum(a != c and b == c for a, b in zip(p, r, strict=True))
         f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return {"accuracy": sum(a == b for a, b in zip(p, r)) / len(r),
+    return {"accuracy": sum(a == b for a, b in zip(p, r, strict=True)) / len(r),
             "macro_f1": sum(f1s) / len(f1s)}
 
 
@@ -75,7 +77,7 @@ def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: i
     return {"exact_match": exact_match(preds, refs), "contains": contains(preds, refs),
             **label_scores(preds, refs), "n": len(records),
             "examples": [{"prompt": r["prompt"], "answer": r["answer"], "prediction": p}
-                         for r, p in zip(records[:5], preds[:5])]}
+                         for r, p in zip(records[:5], preds[:5], strict=True)]}
 
 
 def generation_records(cfg, tokenizer, sources) -> list[dict]:

@@ -171,12 +171,12 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16",
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 64:
             raise ConfigError(
-                f"{model_dir}: llama.cpp does not recognise this BPE tokenizer. Its converter names "
-                "a tokenizer's pre-tokenizer (how text is split before BPE) by hashing the ids it "
-                "gives for a fixed text, and this vocabulary is not in its list (a self-trained or "
-                "modified tokenizer). If you know which pre-tokenizer it uses, pass "
-                "--gguf-pre-tokenizer NAME (llama.cpp's names, e.g. llama-bpe for Llama-3, qwen2, "
-                "gpt-2); the export then checks tokenisation against transformers.")
+                f"{model_dir}: llama.cpp does not recognise this BPE tokenizer. Its converter "
+                "names a tokenizer's pre-tokenizer (how text is split before BPE) by hashing the "
+                "ids it gives for a fixed text, and this vocabulary is not in its list (a "
+                "self-trained or modified tokenizer). If you know which pre-tokenizer it uses, "
+                "pass --gguf-pre-tokenizer NAME (llama.cpp's names, e.g. llama-bpe for Llama-3, "
+                "qwen2, gpt-2); the export then checks tokenisation against transformers.")
         if proc.returncode != 0 or not tmp.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise MergeError(f"llama.cpp's converter failed on {model_dir} (exit "

@@ -37,7 +37,8 @@ class Layout:
 
     def ds_file(self) -> str | None:
         if self.zero == "auto" and not self.deepspeed_config:
-            return None  # decided inside the job, where the devices are (preflight.resolve_auto_zero)
+            # decided inside the job, where the devices are (preflight.resolve_auto_zero)
+            return None
         return self.deepspeed_config or ds_file_for(self.zero, self.offload)
 
 

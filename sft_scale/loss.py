@@ -109,7 +109,7 @@ def resolve_loss(cfg, model_config=None, zero_stage: int | None = None) -> tuple
 # --------------------------------------------------------------------------- the model's parts
 
 
-_PARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def causal_lm_parts(model):

@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +27,13 @@ from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError, MergeError
 from sft_scale.io_utils import atomic_dir
 from sft_scale.model import open_tokenizer
-from sft_scale.serving import (copy_vocab_files, generation_eos, local_dir, save_tokenizer,
-                               serving_tokenizer)
+from sft_scale.serving import (
+    copy_vocab_files,
+    generation_eos,
+    local_dir,
+    save_tokenizer,
+    serving_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +277,11 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
         model = PeftModel.from_pretrained(model, str(adapter))
     except RuntimeError as e:
         if "size mismatch" in str(e):
+            lines = str(e).splitlines()
             raise ConfigError(f"adapter {adapter} does not fit base {base_path}: shapes differ "
-                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
-                             "The adapter was trained on another base; pass the right --base.") from None
+                             f"({lines[1].strip() if len(lines) > 1 else e}). "
+                             "The adapter was trained on another base; pass the right "
+                             "--base.") from None
         raise
     inputs = _probe_inputs(tokenizer)
     ref_logits, ref_gen = _logits_and_greedy(model, inputs, tokenizer, generate=not classifier)
@@ -287,7 +293,8 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
     report = {"base": base_path, "adapter": str(adapter), "dtype": dtype,
               "kind": "sequence classification" if classifier else "causal LM",
               "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype],
-              "greedy_generations_equal": None if classifier else gen == ref_gen, "trained_on": quantized or "unquantized",
+              "greedy_generations_equal": None if classifier else gen == ref_gen,
+              "trained_on": quantized or "unquantized",
               "merged_into": f"dequantized {quantized} weights" if dequantize
               else "original weights",
               # best_adapter's probe is not the final adapter's: compare only the final one
@@ -375,7 +382,8 @@ def model_card(report: dict, adapter: Path) -> str:
     lines = ["# Merged model (sft_scale)", "",
              f"- base: `{report['base']}`", f"- adapter: `{report['adapter']}`",
              f"- precision: {report['dtype']}",
-             f"- verification: max |logit diff| vs base+adapter = {report['max_abs_logit_diff']:.3g}"
+             "- verification: max |logit diff| vs base+adapter = "
+             f"{report['max_abs_logit_diff']:.3g}"
              f" (tolerance {report['tolerance']}); greedy generations equal: "
              f"{report['greedy_generations_equal']}",
              f"- trained on: {report['trained_on']} base; merged into the "

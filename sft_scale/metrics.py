@@ -53,7 +53,8 @@ class MetricsWriter:
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(("eval/" if k.startswith("eval") or k in ("perplexity", "accuracy", "f1") else "train/") + k, v, step)
+                is_eval = k.startswith("eval") or k in ("perplexity", "accuracy", "f1")
+                self.tb.add_scalar(("eval/" if is_eval else "train/") + k, v, step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
@@ -80,9 +81,9 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(f"{metrics_path.parent.name}")

@@ -1,4 +1,5 @@
-"""Tokenizer and model: dtype, attention, bitsandbytes 8-bit/4-bit, k-bit preparation, LoRA (PEFT)."""
+"""Tokenizer and model: dtype, attention, bitsandbytes 8-bit/4-bit, k-bit preparation, LoRA
+(PEFT)."""
 
 from __future__ import annotations
 
@@ -213,7 +214,8 @@ def wrap_lora(model, cfg: Config, token_ids: list[int] | None = None):
                  len(token_ids) * per * n_mats / 2**20, emb.shape[0] * per * n_mats / 2**20)
     peft_cfg = LoraConfig(
         # SEQ_CLS makes PEFT train and save the new classification head with the adapter.
-        task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+        task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
         target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
         bias=lc.bias, trainable_token_indices=tokens)
     try:

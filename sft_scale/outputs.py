@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from sft_scale.config import Config, ConfigError, dump_yaml
-from sft_scale.errors import OutputWriteError
 from sft_scale.io_utils import apply_umask, atomic_dir, atomic_write_json, atomic_write_text
 
 LOCK = ".run.lock"
@@ -103,7 +102,8 @@ def acquire_run_lock(out_dir: Path) -> Path:
     job takes over the lock of its own earlier attempt (same job id: SLURM never runs both)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = out_dir / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "proc_start": _process_start(os.getpid()),
           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     for _ in range(3):
@@ -125,7 +125,7 @@ def acquire_run_lock(out_dir: Path) -> Path:
                 f"output dir {out_dir} is in use by another run (host {holder.get('host', '?')}, "
                 f"pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}; lock "
                 f"file {lock}). Wait for it, choose another --output-dir, or delete the lock "
-                "file if that run is certainly gone.")
+                "file if that run is certainly gone.") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         atexit.register(release_run_lock, lock)

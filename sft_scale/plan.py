@@ -28,7 +28,7 @@ VARIANTS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)
 # again in forward and backward (1.5x); ZeRO-3+offload does both.
 COMM_TIER = {(0, False): 0, (1, False): 0, (2, False): 0, (2, True): 1, (3, False): 2,
              (3, True): 3}
-_SHAPES: dict[str, "ModelShape"] = {}
+_SHAPES: dict[str, ModelShape] = {}
 
 
 @dataclass
@@ -321,7 +321,7 @@ def estimate(cfg, world_size: int, gpu_memory_bytes: int, micro_batch: int | Non
         r = _row(cfg, shape, stage, offload, world_size, micro, overhead_bytes)
         if r["supported"]:
             r["fits"] = r["total"] <= budget
-            r["max_micro_batch"] = _largest_micro(lambda m: _row(
+            r["max_micro_batch"] = _largest_micro(lambda m, stage=stage, offload=offload: _row(
                 cfg, shape, stage, offload, world_size, m, overhead_bytes)["total"] <= budget)
         else:
             r.update(fits=False, max_micro_batch=None)

@@ -38,7 +38,7 @@ class Preemption:
     def _made_progress(self) -> bool:
         return self.state is not None and self.state.step != self.start_step
 
-    def install(self) -> "Preemption":
+    def install(self) -> Preemption:
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         return self
@@ -58,7 +58,8 @@ class Preemption:
         if len(self.received) == 1:
             log.warning("%s received: finishing this step, then checkpoint and exit", name)
         else:
-            log.warning("%s received again: already stopping; the checkpoint is being written", name)
+            log.warning("%s received again: already stopping; the checkpoint is being written",
+                        name)
 
     def requested(self, accelerator) -> bool:
         """True on every rank once any rank was signalled (a collective: call on all ranks)."""

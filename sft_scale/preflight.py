@@ -10,8 +10,14 @@ import os
 from pathlib import Path
 
 from sft_scale.config import Config, ConfigError
-from sft_scale.deepspeed_config import (launcher_ds_file, ds_config_path, load_ds_config,
-                                        offloads_optimizer, resolve_ds_config, zero_stage)
+from sft_scale.deepspeed_config import (
+    ds_config_path,
+    launcher_ds_file,
+    load_ds_config,
+    offloads_optimizer,
+    resolve_ds_config,
+    zero_stage,
+)
 from sft_scale.distributed import world_size_from_env
 from sft_scale.plan import estimate, format_table, lora_targets, matches_module, model_shape
 

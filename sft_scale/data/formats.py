@@ -2,9 +2,9 @@
 
 Canonical examples are one of
   {"kind": "chat", "messages": [{"role", "content", "train", "tool_calls"?, ...}], "tools"?}
-                                                                    alpaca, messages, sharegpt
-  {"kind": "completion", "prompt", "completion"}                    prompt/completion, classification
-  {"kind": "text", "text"}                                          plain text (every token trained)
+                                                                   alpaca, messages, sharegpt
+  {"kind": "completion", "prompt", "completion"}                   prompt/completion, classification
+  {"kind": "text", "text"}                                         plain text (every token trained)
 
 Chat turns come in the shapes real datasets use: OpenAI messages (content as text or as a list of
 content parts; `tool_calls` on assistant turns, `tool` turns), ShareGPT / LLaMA-Factory
@@ -88,7 +88,8 @@ def _need(rec: dict, fmt: str, keys: tuple[str, ...]) -> None:
                          for k in bad)
         raise DataError(f"{rec['_source']}: record does not fit format {fmt!r}: fields {bad} "
                         f"missing or not text ({what}; expected {list(REQUIRED[fmt])}; found "
-                        f"{sorted(k for k in rec if not k.startswith('_') and rec[k] is not None)})")
+                        f"{sorted(k for k in rec if not k.startswith('_') and rec[k] is not None)}"
+                        ")")
 
 
 def to_example(rec: dict, fmt: str, prompt_field: str | None = None,
@@ -167,7 +168,8 @@ def _history(rec: dict) -> list[dict]:
         return []
     out = []
     for i, pair in enumerate(hist):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
             raise DataError(f"{rec['_source']}: history[{i}] must be a [instruction, answer] pair "
                             f"of texts, got {pair!r}")
         out += [{"role": "user", "content": pair[0], "train": False},
@@ -196,7 +198,8 @@ def _tools(rec: dict) -> list[dict] | None:
         tools = [tools]
     out = []
     for i, t in enumerate(tools if isinstance(tools, list) else [None]):
-        if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict):
+        if (isinstance(t, dict) and t.get("type") == "function"
+                and isinstance(t.get("function"), dict)):
             out.append(t)
         elif isinstance(t, dict) and isinstance(t.get("name"), str):
             out.append({"type": "function", "function": t})

@@ -9,7 +9,7 @@ simply starts at its step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +26,8 @@ def fetch_rows(dataset, indices: list[int]) -> list[dict]:
         return [dataset[i] for i in indices]
     batch = dataset[list(indices)]
     names = list(batch)
-    return [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
+    return [dict(zip(names, values, strict=True))
+            for values in zip(*(batch[n] for n in names), strict=True)]
 
 
 class StepBatches(torch.utils.data.Dataset):

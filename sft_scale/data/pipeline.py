@@ -14,8 +14,13 @@ from dataclasses import asdict, dataclass
 from jinja2.exceptions import TemplateError
 
 from sft_scale.config import Config, ConfigError, DatasetSource
-from sft_scale.data.formats import (MODALITY_COLUMNS, PROMPT_KEYS, detect_format,
-                                    to_example, unused_columns)
+from sft_scale.data.formats import (
+    MODALITY_COLUMNS,
+    PROMPT_KEYS,
+    detect_format,
+    to_example,
+    unused_columns,
+)
 from sft_scale.data.sources import SOURCE_COLUMN, DataError, apply_weight, load_source
 from sft_scale.data.templates import fallback_warning, resolve_template
 from sft_scale.data.tokenize import encode_example
@@ -77,7 +82,8 @@ def sample_examples(sources: list[DatasetSource], cfg: Config, per_source: int |
         if per_source is not None and len(ds) > per_source:
             ds = ds.shuffle(seed=cfg.training.seed).select(range(per_source))
         # Stored as JSON text: chats and completions have different shapes, one arrow column each.
-        ds = ds.map(lambda r: {"example": json.dumps(to_example(
+        # map runs the function now, but bind this iteration's values anyway (B023).
+        ds = ds.map(lambda r, fmt=fmt, d=d, src=src: {"example": json.dumps(to_example(
                         r, fmt, d.prompt_field, d.answer_field, d.system_prompt, cfg.task, src,
                         d.train_tool_calls))},
                     remove_columns=[c for c in ds.column_names if c != SOURCE_COLUMN],
@@ -225,22 +231,23 @@ def repeated_examples(train, eval_ds) -> tuple[list[str], list[str]]:
     sources. Copies made by a source's weight/count share their record's source: not counted."""
     seen: dict[bytes, str] = {}
     duplicates = []
-    for src, ex in zip(train[SOURCE_COLUMN], train["example"]):
+    for src, ex in zip(train[SOURCE_COLUMN], train["example"], strict=True):
         h = _digest(ex)
         first = seen.setdefault(h, src)
         if first != src:
             duplicates.append(src)
     if eval_ds is None:
         return sorted(set(duplicates)), []
-    in_train = [src for src, ex in zip(eval_ds[SOURCE_COLUMN], eval_ds["example"])
+    in_train = [src for src, ex in zip(eval_ds[SOURCE_COLUMN], eval_ds["example"], strict=True)
                 if _digest(ex) in seen]
     return sorted(set(duplicates)), in_train
 
 
 def _finish(ds, what: str):
     stats = DataStats(truncated=sum(ds["truncated"]))
-    too_long = [s for s, n in zip(ds[SOURCE_COLUMN], ds["length"]) if n == 0]
-    untrainable = [s for s, n, t in zip(ds[SOURCE_COLUMN], ds["length"], ds["n_trained"])
+    too_long = [s for s, n in zip(ds[SOURCE_COLUMN], ds["length"], strict=True) if n == 0]
+    untrainable = [s for s, n, t in zip(ds[SOURCE_COLUMN], ds["length"], ds["n_trained"],
+                                        strict=True)
                    if n > 0 and t == 0]
     if too_long or untrainable:
         ds = ds.filter(lambda r: r["n_trained"] > 0, desc="drop over-long / untrainable")

@@ -15,7 +15,7 @@ OPEN, CLOSE = "«", "»"  # around trained tokens
 def mark_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """Decoded text with every run of trained tokens wrapped in «...»."""
     out, run, trained = [], [], None
-    for tok, lab in zip(input_ids, labels):
+    for tok, lab in zip(input_ids, labels, strict=True):
         t = lab != IGNORE_INDEX
         if trained is not None and t != trained:
             out.append(_piece(tokenizer, run, trained))

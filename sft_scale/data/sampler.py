@@ -25,7 +25,8 @@ class GlobalBatchSampler:
                  lengths: list[int] | None = None):
         if n_examples < 1:
             raise ValueError("no examples to sample from")
-        self.n, self.micro, self.accum, self.world, self.rank = n_examples, micro, accum, world, rank
+        self.n, self.micro, self.accum = n_examples, micro, accum
+        self.world, self.rank = world, rank
         self.seed = seed
         self.lengths = lengths  # given: batch examples of similar length together
         self._perms: dict[int, list[int]] = {}
@@ -70,7 +71,8 @@ class GlobalBatchSampler:
         return self._window[2][step - self._window[1]]
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's `accum` micro-batches (lists of example indices) for optimizer step `step`."""
+        """This rank's `accum` micro-batches (lists of example indices) for optimizer step
+        `step`."""
         batch = self.global_batch_indices(step)
         out = []
         for m in range(self.accum):

@@ -10,7 +10,6 @@ from pathlib import Path
 from sft_scale.config import DatasetSource
 from sft_scale.errors import DataError  # noqa: F401  (re-exported)
 
-
 SOURCE_COLUMN = "_source"
 
 

@@ -15,7 +15,8 @@ from sft_scale.errors import ConfigError
 # ChatML; with tools, the Hermes / Qwen2.5 convention (definitions in the system turn, calls as
 # <tool_call> JSON); without tools it renders exactly plain ChatML.
 CHATML = (
-    "{% if tools %}{{ '<|im_start|>system\n' }}{% if messages and messages[0]['role'] == 'system' %}"
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
     "{{ messages[0]['content'] + '\n\n' }}{% endif %}"
     "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
@@ -33,7 +34,8 @@ CHATML = (
 )
 LLAMA3 = (
     "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] "
+    "+ '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -194,8 +196,9 @@ def _tool_call_span(tokenizer, template, messages, i, tools, full) -> tuple[int,
     plain = messages[:i] + [{"role": "assistant", "content": _PROBE}]
     other = render(tokenizer, template, plain + messages[i + 1:], False, tools)
     start = _common_prefix(full, other)
-    rest = other[other.index(_PROBE) + len(_PROBE) + _turn_end(tokenizer, template, plain, tools):] \
-        if other.count(_PROBE) == 1 else None
+    rest = (other[other.index(_PROBE) + len(_PROBE)
+                  + _turn_end(tokenizer, template, plain, tools):]
+            if other.count(_PROBE) == 1 else None)
     if rest is None or not full.endswith(rest) or len(full) - len(rest) <= start:
         raise ValueError(f"the chat template does not render assistant turn {i} (a tool call) "
                          "apart from the rest of the conversation, so its loss mask cannot be "

@@ -91,7 +91,7 @@ def _encode_chat(tokenizer, template: str, messages: list[dict],
     labels: list[int] = []
     offsets = enc["offset_mapping"]
     span_i = 0
-    for k, (tok_id, (start, end)) in enumerate(zip(enc["input_ids"], offsets)):
+    for k, (tok_id, (start, end)) in enumerate(zip(enc["input_ids"], offsets, strict=True)):
         while span_i < len(spans) and start >= spans[span_i][1]:
             span_i += 1
         # Overlap, not containment: a SentencePiece "▁Hello" starts at the space the template

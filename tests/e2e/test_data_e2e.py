@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import train_metrics, ROOT, read_jsonl, run_train
+from tests.conftest import ROOT, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -14,13 +14,15 @@ CHATS = [{"messages": [{"role": "system", "content": "Answer with one word."},
                        {"role": "user", "content": f"Review: {t}"},
                        {"role": "assistant", "content": lab}]}
          for t, lab in [("the soup was awful", "negative"), ("the staff were lovely", "positive"),
-                        ("the room was noisy", "negative"), ("the music was superb", "positive")] * 8]
+                        ("the room was noisy", "negative"),
+                        ("the music was superb", "positive")] * 8]
 
 
 def write_config(tmp_path, data: str, training: str = "") -> str:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model:\n  name_or_path: builtin:tiny-llama\nlora:\n  r: 8\n  alpha: 16\n"
-                   "data:\n  max_seq_len: 256\n" + data + "training:\n  micro_batch_size: 4\n  max_steps: 8\n"
+                   "data:\n  max_seq_len: 256\n" + data
+                   + "training:\n  micro_batch_size: 4\n  max_steps: 8\n"
                    "  learning_rate: 3.0e-3\n  logging_steps: 1\n" + training)
     return str(cfg)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import train_metrics, DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train
+from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,8 @@ SMALL = ("training.max_steps=4", "training.micro_batch_size=4", "training.loggin
 
 
 def ds_launch(stage: str) -> list[str]:
-    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / f"{stage}.json")]
+    return ["--use_deepspeed", "--deepspeed_config_file",
+            str(ROOT / "ds_configs" / f"{stage}.json")]
 
 
 def losses(out):
@@ -36,14 +37,15 @@ def zero2_run(tmp_path_factory):
     return out, proc
 
 
-def test_zero2_ranks_disjoint_and_equal_to_one_rank_with_twice_the_accumulation(zero2_run, tmp_path):
+def test_zero2_ranks_disjoint_and_equal_to_one_rank_with_twice_the_accumulation(zero2_run,
+                                                                                 tmp_path):
     out, proc = zero2_run
     assert "distributed: DEEPSPEED, world size 2" in proc.stderr
     resolved = json.loads((out / "deepspeed.resolved.json").read_text())
     assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 8
     ranks = [read_jsonl(out / "data_trace" / f"rank{r}.jsonl") for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4
-    for a, b in zip(*ranks):
+    for a, b in zip(*ranks, strict=True):
         assert not set(a["examples"][0]) & set(b["examples"][0])
 
     one = tmp_path / "one"

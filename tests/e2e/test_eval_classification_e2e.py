@@ -79,7 +79,7 @@ def test_causal_eval_during_training_two_processes_equals_one(tmp_path):
     run_train(two, *sets, nproc=2)
     e1, e2 = evals(one), evals(two)
     assert [e["step"] for e in e1] == [2, 4] and [e["step"] for e in e2] == [2, 4]
-    for a, b in zip(e1, e2):
+    for a, b in zip(e1, e2, strict=True):
         assert a["eval_items"] == b["eval_items"] == 200  # 100 answers + 100 EOS, each once
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
         assert b["perplexity"] == pytest.approx(2.718281828 ** b["eval_loss"], rel=1e-6)
@@ -93,7 +93,8 @@ def test_sft_scale_eval_prints_a_before_after_table(tmp_path):
                            str(ROOT / "sft_scale" / "assets" / "demo_eval.jsonl"),
                            "--max-new-tokens", "4"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = {l.split()[0]: l.split()[1:] for l in proc.stdout.splitlines() if l.strip()}
+    lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()
+             if line.strip()}
     assert lines["metric"] == ["before", "after"]
     em_before, em_after = map(float, lines["exact_match"])
     assert em_before == 0.0 and em_after >= 0.9

@@ -90,7 +90,8 @@ def test_merge_refuses_bad_input_and_writes_nothing(run8, tmp_path):
     assert f"adapter {run8 / 'adapter'} does not fit base {other}" in res.stderr
     assert not out.exists()
     res = cli("merge", "--adapter", tmp_path, "--out", out, check=False)
-    assert res.returncode == 2 and "missing ['adapter_config.json', 'adapter_model.safetensors']" in res.stderr
+    assert res.returncode == 2
+    assert "missing ['adapter_config.json', 'adapter_model.safetensors']" in res.stderr
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")

@@ -21,7 +21,8 @@ SMALL = ("training.max_steps=4", "training.warmup_steps=0", "training.micro_batc
 
 
 def ds_launch(stage: str) -> list[str]:
-    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / f"{stage}.json")]
+    return ["--use_deepspeed", "--deepspeed_config_file",
+            str(ROOT / "ds_configs" / f"{stage}.json")]
 
 
 def losses(out):

@@ -12,7 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import train_metrics, DEMO_CONFIG, ROOT, TRAIN, _free_port, read_jsonl, run_train
+from tests.conftest import (
+    DEMO_CONFIG,
+    ROOT,
+    TRAIN,
+    _free_port,
+    run_train,
+    train_metrics,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +35,8 @@ def command(out, nproc=1, stage=None):
     if nproc == 1:
         return [sys.executable, str(TRAIN)] + args
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-            "--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / f"{stage}.json"),
+            "--use_deepspeed", "--deepspeed_config_file",
+            str(ROOT / "ds_configs" / f"{stage}.json"),
             "--main_process_port", str(_free_port()), str(TRAIN)] + args
 
 
@@ -41,7 +49,8 @@ def start(out, nproc=1, stage=None):
 def wait_for(predicate, proc, timeout=300):
     t0 = time.time()
     while not predicate():
-        assert proc.poll() is None, "training ended before the event we wait for:\n" + proc.stdout.read()[-3000:]
+        assert proc.poll() is None, ("training ended before the event we wait for:\n"
+                                     + proc.stdout.read()[-3000:])
         assert time.time() - t0 < timeout, "timed out"
         time.sleep(0.05)
 
@@ -80,7 +89,8 @@ def reference(tmp_path_factory):
 def test_checkpoints_are_complete_pruned_and_manifest_written(reference):
     ckpts = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert ckpts == ["step-00000006", "step-00000008"]  # keep_last=2
-    state = json.loads((reference / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    state = json.loads((reference / "checkpoints" / "step-00000008" / "trainer_state.json")
+                       .read_text())
     assert state["step"] == 8 and state["identity"]["world_size"] == 1
     assert state["reason"] == "final" and len(state["losses"]) == 8
     m = json.loads((reference / "manifest.json").read_text())
@@ -167,7 +177,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root); the writer-that-raises unit test covers this")
+        pytest.skip("cannot mount a tmpfs here (not root); the writer-that-raises unit test "
+                    "covers this")
     try:
         out = mnt / "run"
         proc = run_train(out, *SETS, "checkpoint.keep_last=5", check=False)

@@ -118,7 +118,8 @@ def test_a_refused_resume_rewrites_nothing(finished, tmp_path, sets, expected):
 
 def test_refused_before_weights_or_writes(tmp_path):
     huge = train(tmp_path / "huge", "training.micro_batch_size=100000000")
-    assert huge.returncode == 2 and "micro_batch_size is 100000000, more than the 600" in huge.stderr
+    assert huge.returncode == 2
+    assert "micro_batch_size is 100000000, more than the 600" in huge.stderr
     assert not (tmp_path / "huge").exists()
     missing = train(tmp_path / "m", "checkpoint.resume=/nonexistent")
     assert missing.returncode == 2 and "/nonexistent: no such folder" in missing.stderr

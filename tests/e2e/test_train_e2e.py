@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import train_metrics, ROOT, read_jsonl, run_train
+from tests.conftest import ROOT, read_jsonl, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,8 @@ RELOAD = textwrap.dedent("""
     from peft import PeftModel
     out, eight_bit = sys.argv[1], sys.argv[2] == "1"
     base = json.load(open(out + "/adapter/adapter_config.json"))["base_model_name_or_path"]
-    kw = dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu") if eight_bit else {}
+    kw = (dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+          if eight_bit else {})
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kw)
     model = PeftModel.from_pretrained(model, out + "/adapter").eval()
     probe = load_file(out + "/probe.safetensors")
@@ -49,7 +50,7 @@ def test_lora_run_loss_falls_and_adapter_reloads_with_plain_peft(tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_mb"):
         assert all(key in m for m in metrics)
     # per-step time and tokens/s describe the same interval; the demo packs (auto): no pad slots
-    for m, prev in zip(metrics[1:], metrics):
+    for m, prev in zip(metrics[1:], metrics, strict=False):
         assert m["step_time_s"] * m["tokens_per_s"] == pytest.approx(
             m["tokens_seen"] - prev["tokens_seen"], rel=1e-6)
     assert metrics[-1]["slots_seen"] == metrics[-1]["tokens_seen"]
@@ -108,7 +109,7 @@ def test_two_processes_get_different_examples_and_match_accumulation(tmp_path):
                      "output.trace_samples=true", nproc=2)
     assert "world size 2" in proc.stderr
     ranks = [read_jsonl(two / "data_trace" / f"rank{r}.jsonl") for r in (0, 1)]
-    for s0, s1 in zip(*ranks):
+    for s0, s1 in zip(*ranks, strict=True):
         assert s0["step"] == s1["step"]
         assert not set(s0["examples"][0]) & set(s1["examples"][0]), "ranks shared an example"
     summary = json.loads((two / "summary.json").read_text())

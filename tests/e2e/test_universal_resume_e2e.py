@@ -22,7 +22,8 @@ def train(out, nproc, steps, *sets):
     cmd = [sys.executable, str(ROOT / "sft_scale" / "train.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-               "--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / "zero2.json"),
+               "--use_deepspeed", "--deepspeed_config_file",
+               str(ROOT / "ds_configs" / "zero2.json"),
                "--main_process_port", str(_free_port()), str(ROOT / "sft_scale" / "train.py")]
     accum = 2 // nproc
     cmd += ["--config", str(DEMO_CONFIG), "--output-dir", str(out)]

@@ -1,4 +1,5 @@
-"""Model names: builtin models, local folders and hub ids resolve, or fail in seconds with the fix."""
+"""Model names: builtin models, local folders and hub ids resolve, or fail in seconds with the
+fix."""
 
 from pathlib import Path
 

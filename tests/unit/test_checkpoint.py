@@ -1,10 +1,8 @@
 """Checkpoint writing under failure, in-process with a real (single-process) Accelerator."""
 
 import errno
-import json
 
 import pytest
-import torch
 
 from sft_scale import checkpoint as ckpt
 from sft_scale.config import load_config
@@ -45,8 +43,9 @@ def test_a_failing_writer_leaves_the_previous_checkpoint_intact(setup, tmp_path,
 
     monkeypatch.setattr(acc, "save_state", full_disk)
     state.step = 4
-    with pytest.raises(ckpt.CheckpointError, match=r"could not write the checkpoint for step 4 .*No "
-                                                   r"space left on device.*step-00000002\) is intact"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"could not write the checkpoint for step 4 .*No "
+                             r"space left on device.*step-00000002\) is intact"):
         ckpt.save_checkpoint(acc, sched, state, ident, tmp_path, keep_last=2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
     assert ckpt.verify(first) is None

@@ -31,7 +31,8 @@ def write_complete(folder, step=1):
 
 def rng_state():
     import random
-    return {"step": 0, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+    return {"step": 0, "random_state": random.getstate(),
+            "numpy_random_seed": np.random.get_state(),
             "torch_manual_seed": torch.get_rng_state()}
 
 

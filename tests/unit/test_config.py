@@ -39,11 +39,14 @@ def test_unknown_section(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("training:\n  max_steps: three\n", r"c.yaml:4: 'training.max_steps' expects int, got str 'three'"),
+    ("training:\n  max_steps: three\n",
+     r"c.yaml:4: 'training.max_steps' expects int, got str 'three'"),
     ("training:\n  max_steps: 2.5\n", r"'training.max_steps' expects int, got float"),
     ("lora:\n  enabled: 'yes'\n", r"'lora.enabled' expects bool"),
-    ("training:\n  lr_scheduler: cosin\n", r"expects one of 'linear', 'cosine', 'constant', got 'cosin'; did you mean 'cosine'"),
-    ("lora:\n  target_modules: [q_proj, 3]\n", r"'lora.target_modules' expects str or a list of str, got list"),
+    ("training:\n  lr_scheduler: cosin\n",
+     r"expects one of 'linear', 'cosine', 'constant', got 'cosin'; did you mean 'cosine'"),
+    ("lora:\n  target_modules: [q_proj, 3]\n",
+     r"'lora.target_modules' expects str or a list of str, got list"),
     ("training: 5\n", r"'training' must be a mapping"),
 ])
 def test_wrong_types(tmp_path, text, expected):
@@ -62,8 +65,11 @@ def test_overrides_and_output_dir(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("training.max_step=6", r"^--set training.max_step=6: unknown key 'training.max_step'; did you mean 'training.max_steps'"),
-    ("data.datasets=[{path: x, wieght: 2}]", r"^--set data.datasets=\[\{path: x, wieght: 2\}\]: unknown key 'data.datasets\[0\].wieght'; did you mean 'data.datasets\[0\].weight'"),
+    ("training.max_step=6", r"^--set training.max_step=6: unknown key 'training.max_step'; "
+                            r"did you mean 'training.max_steps'"),
+    ("data.datasets=[{path: x, wieght: 2}]",
+     r"^--set data.datasets=\[\{path: x, wieght: 2\}\]: unknown key 'data.datasets\[0\].wieght'; "
+     r"did you mean 'data.datasets\[0\].weight'"),
     ("max_steps", r"expected KEY=VALUE"),
     ("training.max_steps=x", r"'training.max_steps' expects int"),
 ])
@@ -78,7 +84,8 @@ def test_value_checks(tmp_path):
     with pytest.raises(ConfigError, match="data.train_files"):
         load_config(write(tmp_path, "training:\n  max_steps: 1\n"))
     with pytest.raises(ConfigError, match="full fine-tuning"):
-        load_config(write(tmp_path, BASE + "quantization:\n  load_in_8bit: true\nlora:\n  enabled: false\n"))
+        load_config(write(tmp_path, BASE + "quantization:\n  load_in_8bit: true\n"
+                                           "lora:\n  enabled: false\n"))
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -180,8 +187,10 @@ def test_every_problem_of_a_file_is_reported_at_once_in_file_order(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("training:\n  learning_rate: inf\n", r"c.yaml:4: 'training.learning_rate' must be a finite number, got 'inf'"),
-    ("training:\n  learning_rate: .nan\n", r"'training.learning_rate' must be a finite number, got nan"),
+    ("training:\n  learning_rate: inf\n",
+     r"c.yaml:4: 'training.learning_rate' must be a finite number, got 'inf'"),
+    ("training:\n  learning_rate: .nan\n",
+     r"'training.learning_rate' must be a finite number, got nan"),
     ("training:\n  num_epochs: .inf\n", r"'training.num_epochs' must be a finite number, got inf"),
     ("training:\n  num_epochs: 1e308\n", r"'training.num_epochs' must be at most 1e\+06"),
     ("training:\n  adam_beta1: 2.0\n", r"'training.adam_beta1' must be in \[0, 1\)"),

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 from transformers import AutoTokenizer
 
@@ -14,7 +12,8 @@ def tok():
 
 
 def trained_text(tok, enc):
-    return tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True)
+                       if lab != IGNORE_INDEX])
 
 
 @pytest.mark.parametrize("prompt, answer", [
@@ -27,10 +26,12 @@ def test_loss_only_on_answer_and_eos(tok, prompt, answer):
     assert trained_text(tok, enc) == answer + tok.eos_token
     assert enc["input_ids"][-1] == tok.eos_token_id
     assert enc["input_ids"][0] == tok.bos_token_id
-    untrained = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == IGNORE_INDEX]
+    untrained = [t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True)
+                 if lab == IGNORE_INDEX]
     assert tok.decode(untrained) == tok.bos_token + prompt
     # labels equal the input ids wherever they are trained
-    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(enc["input_ids"], enc["labels"]))
+    assert all(lab in (IGNORE_INDEX, t)
+               for t, lab in zip(enc["input_ids"], enc["labels"], strict=True))
 
 
 def test_collate_pads_right_and_masks(tok):

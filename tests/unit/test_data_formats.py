@@ -31,7 +31,7 @@ def tok():
 def trained_runs(tok, enc) -> list[str]:
     """Each contiguous run of trained tokens, decoded."""
     runs, cur = [], []
-    for t, lab in zip(enc["input_ids"], enc["labels"]):
+    for t, lab in zip(enc["input_ids"], enc["labels"], strict=True):
         if lab != IGNORE_INDEX:
             assert lab == t
             cur.append(t)
@@ -116,7 +116,8 @@ def test_detect_format():
     assert detect_format(["prompt", "answer"], "x") == "prompt_completion"
     assert detect_format(["text", "label"], "x") == "classification"
     assert detect_format(["text"], "x") == "text"
-    with pytest.raises(DataError, match=r"f.jsonl: cannot tell the format from the fields \['foo'\]"):
+    with pytest.raises(DataError,
+                       match=r"f.jsonl: cannot tell the format from the fields \['foo'\]"):
         detect_format(["foo"], "f.jsonl")
 
 
@@ -139,10 +140,11 @@ def test_packed_row_loss_equals_each_example_alone(tok):
              for e in exs]
     packed = collate_packed(exs)
     assert "attention_mask" not in packed
-    assert packed["position_ids"][0].tolist() == sum([list(range(len(e["input_ids"]))) for e in exs], [])
+    assert packed["position_ids"][0].tolist() == sum([list(range(len(e["input_ids"])))
+                                                       for e in exs], [])
     got = token_losses(packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
     start = 0
-    for e, ref in zip(exs, alone):
+    for e, ref in zip(exs, alone, strict=True):
         n = len(e["input_ids"])
         # positions start..start+n-2 predict the example's own tokens 1..n-1
         torch.testing.assert_close(got[start:start + n - 1], ref, atol=1e-5, rtol=1e-5)
@@ -164,7 +166,8 @@ def test_sources_of_every_kind_and_mixing(tmp_path, tok):
     (tmp_path / "b.json").write_text(json.dumps(rows))
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "c.csv"))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
-    datasets.Dataset.from_list([{"text": f"t{i}"} for i in range(4)]).save_to_disk(str(tmp_path / "e"))
+    datasets.Dataset.from_list([{"text": f"t{i}"} for i in range(4)]).save_to_disk(
+        str(tmp_path / "e"))
     cfg = write_cfg(tmp_path, "  datasets:\n"
                     "    - {path: a.jsonl}\n    - {path: b.json, count: 3}\n"
                     "    - {path: c.csv, weight: 0.5}\n    - {path: d.parquet, weight: 2.0}\n"
@@ -172,7 +175,8 @@ def test_sources_of_every_kind_and_mixing(tmp_path, tok):
     train, ev, stats = build_datasets(cfg, tok)
     assert len(train) + len(ev) == 10 + 3 + 5 + 20 + 4
     assert len(ev) == 4 and stats.eval_examples == 4
-    sources = [s.split("/")[-1].split(":")[0].split("[")[0] for s in list(train["_source"]) + list(ev["_source"])]
+    sources = [s.split("/")[-1].split(":")[0].split("[")[0]
+               for s in list(train["_source"]) + list(ev["_source"])]
     assert sorted(set(sources)) == ["a.jsonl", "b.json", "c.csv", "d.parquet", "e"]
     assert sources.count("d.parquet") == 20 and sources.count("b.json") == 3
     # seeded: the same config gives the same order
@@ -201,8 +205,9 @@ def test_bad_data_errors_name_the_record(tmp_path, tok, content, expected):
 def test_alpaca_record_missing_output_names_format_and_fields(tmp_path, tok):
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
     cfg = write_cfg(tmp_path, "  train_files: [d.jsonl]\n")
-    with pytest.raises(DataError, match=r"d.jsonl:3|d.jsonl:2: record does not fit format 'alpaca': "
-                                        r"fields \['output'\] missing"):
+    with pytest.raises(DataError,
+                       match=r"d.jsonl:3|d.jsonl:2: record does not fit format 'alpaca': "
+                             r"fields \['output'\] missing"):
         build_datasets(cfg, tok)
 
 

@@ -24,7 +24,8 @@ TOOL_TEMPLATE = (
     "{% if m['role'] == 'tool' %}ipython{% else %}{{ m['role'] }}{% endif %}<|end_header_id|>\n\n"
     "{% if tools and loop.first %}Tools: {% for t in tools %}{{ t['function']['name'] }} "
     "{% endfor %}\n{% endif %}"
-    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}{\"name\": \"{{ c['function']['name'] }}\", "
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}"
+    "{\"name\": \"{{ c['function']['name'] }}\", "
     "\"parameters\": {{ c['function']['arguments'] | tojson }}}{% endfor %}"
     "{% else %}{{ m['content'] }}{% endif %}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
@@ -41,7 +42,7 @@ def tok():
 def runs(tok, enc, trained=True) -> list[str]:
     """Each contiguous run of trained (or untrained) tokens, decoded."""
     out, cur = [], []
-    for t, lab in zip(enc["input_ids"], enc["labels"]):
+    for t, lab in zip(enc["input_ids"], enc["labels"], strict=True):
         if (lab != IGNORE_INDEX) == trained:
             cur.append(t)
         elif cur:
@@ -51,7 +52,8 @@ def runs(tok, enc, trained=True) -> list[str]:
 
 def records(path: Path) -> list[dict]:
     text = path.read_text()
-    rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines()]
+    rows = (json.loads(text) if path.suffix == ".json"
+            else [json.loads(x) for x in text.splitlines()])
     return [dict(r, _source=f"{path.name}:{i + 1}") for i, r in enumerate(rows)]
 
 
@@ -188,9 +190,9 @@ def test_proportional_truncation_keeps_part_of_a_long_prompt(tmp_path, tok, capl
     assert stats.dropped_no_trainable == 0 and len(train) == 2
     long = next(r for r in train if r["_source"].endswith(":1"))
     assert long["length"] == 32 and long["input_ids"][0] == tok.bos_token_id
-    trained = tok.decode([t for t, lab in zip(long["input_ids"], long["labels"])
+    trained = tok.decode([t for t, lab in zip(long["input_ids"], long["labels"], strict=True)
                           if lab != IGNORE_INDEX])
-    prompt = tok.decode([t for t, lab in zip(long["input_ids"][1:], long["labels"][1:])
+    prompt = tok.decode([t for t, lab in zip(long["input_ids"][1:], long["labels"][1:], strict=True)
                          if lab == IGNORE_INDEX])
     assert trained.startswith(" the") and prompt.rstrip().endswith("word")
 

@@ -42,10 +42,12 @@ def test_bf16_dtype_fills_bf16(cfg):
 
 def test_user_json_contradicting_the_config_is_refused(cfg, tmp_path):
     p = tmp_path / "mine.json"
-    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto",
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8,
+                             "gradient_accumulation_steps": "auto",
                              "zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match=r"mine.json: train_micro_batch_size_per_gpu=8 contradicts "
-                                          r"the training config \(4"):
+    with pytest.raises(ConfigError,
+                       match=r"mine.json: train_micro_batch_size_per_gpu=8 contradicts "
+                             r"the training config \(4"):
         resolve_ds_config(load_ds_config(str(p)), cfg, 2, 64, source=str(p))
 
 
@@ -60,7 +62,8 @@ def test_unknown_key_in_user_json_warns_with_suggestion(tmp_path, caplog):
     p.write_text(json.dumps({"gradient_cliping": 1.0, "zero_optimization": {"stage": 2}}))
     with caplog.at_level(logging.WARNING):
         load_ds_config(str(p))
-    assert "unknown DeepSpeed key 'gradient_cliping' (did you mean 'gradient_clipping'?)" in caplog.text
+    assert ("unknown DeepSpeed key 'gradient_cliping' (did you mean 'gradient_clipping'?)"
+            in caplog.text)
 
 
 def test_bad_json_names_line(tmp_path):
@@ -80,19 +83,22 @@ def test_8bit_with_zero3_is_refused_before_loading(cfg):
 
 
 def test_offload_without_deepspeed_and_quantized_full_finetune_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="'distributed.offload: true' needs DeepSpeed ZeRO-2 or ZeRO-3"):
+    with pytest.raises(ConfigError,
+                       match="'distributed.offload: true' needs DeepSpeed ZeRO-2 or ZeRO-3"):
         load_config(DEMO_CONFIG, ["distributed.offload=true"])
     with pytest.raises(ConfigError, match="full fine-tuning"):
         load_config(DEMO_CONFIG, ["quantization.load_in_8bit=true", "lora.enabled=false"])
     with pytest.raises(ConfigError, match="CPU offload needs ZeRO stage 1-3"):
         check_compatibility(load_config(DEMO_CONFIG),
-                            {"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}})
+                            {"zero_optimization": {"stage": 0,
+                                                   "offload_optimizer": {"device": "cpu"}}})
 
 
 def test_launch_lines():
     one = launch_command("c.yaml", Layout(nproc_per_node=8, zero=3))
     assert one[:4] == ["accelerate", "launch", "--num_processes", "8"]
-    assert "--use_deepspeed" in one and one[one.index("--deepspeed_config_file") + 1].endswith("zero3.json")
+    assert "--use_deepspeed" in one
+    assert one[one.index("--deepspeed_config_file") + 1].endswith("zero3.json")
     off = launch_command("c.yaml", Layout(nproc_per_node=8, zero=2, offload=True))
     assert off[off.index("--deepspeed_config_file") + 1].endswith("zero2_offload.json")
     ddp = launch_command("c.yaml", Layout(nproc_per_node=2))

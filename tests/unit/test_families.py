@@ -70,7 +70,7 @@ def encode(tok, messages):
 
 def runs(ids, mask):
     out, cur = [], []
-    for t, m in zip(ids, mask):
+    for t, m in zip(ids, mask, strict=True):
         if m:
             cur.append(t)
         elif cur:
@@ -99,11 +99,12 @@ def test_trained_tokens_are_each_answer_and_its_end_of_turn_token(tokenizers, fa
     # template closes with its own end-of-turn token, BOS only where the template writes it.
     assert enc["input_ids"] == ref["input_ids"]
     trained = [lab != IGNORE_INDEX for lab in enc["labels"]]
-    assert all(lab == t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX)
+    assert all(lab == t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True)
+               if lab != IGNORE_INDEX)
     answers = [m for m in messages if m["role"] == "assistant"]
     ref_runs = runs(ref["input_ids"], ref["assistant_masks"])
     assert len(ref_runs) == len(answers)
-    expected = [r for r, m in zip(ref_runs, answers) if m.get("train", True)]
+    expected = [r for r, m in zip(ref_runs, answers, strict=True) if m.get("train", True)]
     assert runs(enc["input_ids"], trained) == expected
     # ... and independently of the markers: each run decodes to the answer + end-of-turn token.
     eot = FAMILY[family].end_of_turn

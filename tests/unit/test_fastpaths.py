@@ -172,7 +172,7 @@ def test_both_packed_sdpa_layouts_agree_in_outputs_and_gradients():
                                     [q, *kv])
         results.append((out.detach(), grads))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -205,7 +205,8 @@ def test_auto_resolution_on_this_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert A.resolve_attn_implementation(cfg_with(model={"dtype": "bf16"})) == "flash_attention_2"
     assert A.resolve_attn_implementation(cfg_with(model={"dtype": "fp32"})) == "sdpa"
-    # auto loss: liger with liger-kernel on CUDA; standard under ZeRO-3 and for post-processed logits
+    # auto loss: liger with liger-kernel on CUDA; standard under ZeRO-3 and for post-processed
+    # logits
     monkeypatch.setattr(L, "liger_installed", lambda: True)
     assert resolve_loss(cfg)[0] == "liger"
     assert resolve_loss(cfg, zero_stage=3)[0] == "standard"
@@ -244,7 +245,8 @@ def test_impossible_switches_fail_early_naming_the_key(monkeypatch):
     import sft_scale.loss as L
 
     monkeypatch.setattr(A, "flash_attn_installed", lambda: False)
-    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2.*flash_attn"):
+    with pytest.raises(ConfigError,
+                       match="model.attn_implementation: flash_attention_2.*flash_attn"):
         resolve_fast_paths(cfg_with(model={"attn_implementation": "flash_attention_2",
                                            "dtype": "bf16"}))
     monkeypatch.setattr(L, "liger_installed", lambda: False)
@@ -287,7 +289,7 @@ def test_workers_give_each_rank_the_same_batches(packing):
         assert [s for s, _, _ in inline] == list(range(2, 12))
         # and they are the sampler's examples for this rank, collated as the loop always did
         for step, micro, _ in inline[:3]:
-            for idx, got in zip(sampler.micro_batches(step), micro):
+            for idx, got in zip(sampler.micro_batches(step), micro, strict=True):
                 want = task.collate([ds[i] for i in idx], 0)
                 assert got == {k: (v.tolist() if torch.is_tensor(v) else v)
                                for k, v in want.items()}

@@ -20,7 +20,8 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    assert {"train/loss", "train/lr", "eval/eval_loss", "eval/perplexity"} <= set(acc.Tags()["scalars"])
+    assert ({"train/loss", "train/lr", "eval/eval_loss", "eval/perplexity"}
+            <= set(acc.Tags()["scalars"]))
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([5.0, 2.5, 5 / 3, 1.25])
     plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

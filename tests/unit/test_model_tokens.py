@@ -1,6 +1,7 @@
 """Adding tokens: the embedding grows, LoRA trains and saves only the new rows, the adapter and
 tokenizer reload with plain peft/transformers to the same logits, and merge resizes the base to
-the saved tokenizer. (The fresh-process reload after a real run: tests/e2e/test_tools_tokens_e2e.py.)"""
+the saved tokenizer. (The fresh-process reload after a real run:
+tests/e2e/test_tools_tokens_e2e.py.)"""
 
 import json
 

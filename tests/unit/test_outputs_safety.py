@@ -148,8 +148,9 @@ def test_a_failing_write_is_exit_3_and_recorded_in_the_manifest(tmp_path):
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
     for fail in (full, safetensors_full):
-        with pytest.raises(OutputWriteError, match="could not write the final adapter in .*No "
-                                                   r"space left.*last good checkpoint \(none\)") as e:
+        with pytest.raises(OutputWriteError,
+                           match="could not write the final adapter in .*No "
+                                 r"space left.*last good checkpoint \(none\)") as e:
             guard("final adapter", fail)
         assert e.value.exit_code == 3
         m = outputs.read_manifest(tmp_path)

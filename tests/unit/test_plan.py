@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from sft_scale.config import load_config
-from sft_scale.plan import (GiB, ZERO3_SUB_GROUP, estimate, format_table, lora_params,
-                            measure_peak_cpu, model_shape, model_states, parse_size)
+from sft_scale.plan import (
+    ZERO3_SUB_GROUP,
+    GiB,
+    estimate,
+    format_table,
+    lora_params,
+    measure_peak_cpu,
+    model_shape,
+    model_states,
+    parse_size,
+)
 from tests.conftest import DEMO_CONFIG
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
@@ -197,7 +206,7 @@ def test_estimate_matches_measured_peak_of_a_real_cpu_training_step():
     cfg = cfg_for("tiny_llama_cpu", "lora.enabled=false", "data.max_seq_len=256",
                   "training.loss=standard")
     measured, est = _measured_vs_estimated(cfg)
-    for m, e in zip(measured, est):
+    for m, e in zip(measured, est, strict=True):
         assert 0.8 <= m / e <= 1.2, f"measured {m / 2**20:.1f} MiB, estimated {e / 2**20:.1f}"
     grew, predicted = measured[1] - measured[0], est[1] - est[0]
     assert 0.9 <= grew / predicted <= 1.1, (grew / 2**20, predicted / 2**20)
@@ -213,7 +222,7 @@ def test_lora_estimate_matches_measured_peak(sets):
     CPU), so the chunked loss's estimate is measured here too."""
     cfg = cfg_for("tiny_llama_cpu", "lora.r=16", "lora.dropout=0.1", "data.max_seq_len=256",
                   *sets)
-    for m, e in zip(*_measured_vs_estimated(cfg)):
+    for m, e in zip(*_measured_vs_estimated(cfg), strict=True):
         assert 0.8 <= m / e <= 1.2, f"measured {m / 2**20:.1f} MiB, estimated {e / 2**20:.1f}"
 
 
@@ -304,7 +313,7 @@ def test_largest_micro_batch_is_monotonic_in_memory_and_really_the_largest():
         plan = estimate(cfg, 8, gib * GiB)
         sizes = [r["max_micro_batch"] or 0 for r in plan["rows"]]
         if previous is not None:
-            assert all(a >= b for a, b in zip(sizes, previous)), (gib, sizes, previous)
+            assert all(a >= b for a, b in zip(sizes, previous, strict=True)), (gib, sizes, previous)
         previous = sizes
     # At 80 GiB: the reported micro-batch fits and one more does not.
     plan = estimate(cfg, 8, 80 * GiB)
@@ -434,5 +443,6 @@ def test_4bit_70b_lora_fits_one_and_two_80gib_gpus_and_bf16_is_told_to_quantize(
 def test_8bit_optimizer_states_are_a_quarter():
     sets = ("model.dtype=bf16", "data.max_seq_len=512", "lora.r=16")
     a = estimate(cfg_for("llama3_8b", *sets), 1, 80 * GiB)["rows"][0]
-    b = estimate(cfg_for("llama3_8b", *sets, "training.optimizer=adamw_8bit"), 1, 80 * GiB)["rows"][0]
+    b = estimate(cfg_for("llama3_8b", *sets, "training.optimizer=adamw_8bit"), 1,
+                 80 * GiB)["rows"][0]
     assert b["optimizer"] * 4 == a["optimizer"]

@@ -22,8 +22,10 @@ def test_4bit_config_defaults_follow_model_dtype_and_storage_follows_zero3():
     # ZeRO-3 partitions floating tensors: the packed bytes are stored as the compute dtype
     assert bnb_config(cfg, zero_stage=3).bnb_4bit_quant_storage == torch.float32
     bf = load_config(DEMO_CONFIG, [Q4, "model.dtype=bf16"])
-    assert quant_storage_dtype(bf, 3) == torch.bfloat16 and quant_storage_dtype(bf, 2) == torch.uint8
-    explicit = load_config(DEMO_CONFIG, [Q4, "model.dtype=bf16", "quantization.bnb_4bit_quant_type=fp4",
+    assert quant_storage_dtype(bf, 3) == torch.bfloat16
+    assert quant_storage_dtype(bf, 2) == torch.uint8
+    explicit = load_config(DEMO_CONFIG, [Q4, "model.dtype=bf16",
+                                         "quantization.bnb_4bit_quant_type=fp4",
                                          "quantization.bnb_4bit_use_double_quant=false",
                                          "quantization.bnb_4bit_compute_dtype=fp32"])
     q = bnb_config(explicit)
@@ -57,7 +59,8 @@ def test_4bit_zero3_with_byte_storage_is_refused_with_the_working_route():
 def test_bitsandbytes_optimizer_with_offload_is_refused():
     cfg = load_config(DEMO_CONFIG, ["training.optimizer=adamw_8bit", "distributed.zero=2",
                                     "distributed.offload=true"])
-    with pytest.raises(ConfigError, match="DeepSpeed's own CPU Adam.*Use training.optimizer: adamw"):
+    with pytest.raises(ConfigError,
+                       match="DeepSpeed's own CPU Adam.*Use training.optimizer: adamw"):
         resolve_deepspeed(cfg, world_size=2)
     check_compatibility(load_config(DEMO_CONFIG, ["training.optimizer=adamw_8bit"]),
                         {"zero_optimization": {"stage": 2}})
@@ -73,7 +76,8 @@ def test_paged_optimizers_are_refused_on_cpu_naming_the_device(name):
 
 
 def test_unknown_optimizer_names_the_choices():
-    with pytest.raises(ConfigError, match="training.optimizer' expects one of 'adamw', 'adamw_8bit'"):
+    with pytest.raises(ConfigError,
+                       match="training.optimizer' expects one of 'adamw', 'adamw_8bit'"):
         load_config(DEMO_CONFIG, ["training.optimizer=adam8"])
 
 
@@ -106,6 +110,7 @@ def test_merge_dequantize_needs_a_run_that_trained_quantized(tmp_path, manifest)
         (tmp_path / "run" / "manifest.json").write_text(json.dumps(
             {"config": load_config(DEMO_CONFIG).to_dict()}))
     why = "says the run trained on an unquantized base" if manifest else "is missing"
-    with pytest.raises(ConfigError, match=f"--dequantize: .*manifest.json {why}.*without --dequantize"):
+    with pytest.raises(ConfigError,
+                       match=f"--dequantize: .*manifest.json {why}.*without --dequantize"):
         merge(str(adapter), str(tmp_path / "out"), dequantize=True)
     assert not (tmp_path / "out").exists()

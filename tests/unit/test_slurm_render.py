@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from sft_scale.config import ConfigError
-from sft_scale.slurm import (PORT_BASE, PORT_SPAN, REPO_ROOT, SlurmOptions, _local_model,
-                             render, signal_window, time_limit_seconds)
+from sft_scale.slurm import (
+    PORT_BASE,
+    PORT_SPAN,
+    REPO_ROOT,
+    SlurmOptions,
+    _local_model,
+    render,
+    signal_window,
+    time_limit_seconds,
+)
 from tests.conftest import DEMO_CONFIG, ROOT
 
 HOSTILE = "o u't \"q\" $(touch PWNED1) `touch PWNED2`; touch PWNED3 %j"

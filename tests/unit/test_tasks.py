@@ -26,7 +26,8 @@ def test_binary_uses_bce_with_logits_on_one_logit():
     logits = torch.tensor([[0.3], [-1.2], [2.0]])
     labels = torch.tensor([1.0, 0.0, 0.0])
     got = classification(2, "binary").loss(Head(logits), batch(labels), 3)
-    assert got.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits[:, 0], labels).item())
+    expected = F.binary_cross_entropy_with_logits(logits[:, 0], labels).item()
+    assert got.item() == pytest.approx(expected)
 
 
 def test_multiclass_uses_cross_entropy_and_multilabel_bce():
@@ -58,7 +59,8 @@ def test_classification_metrics():
 
 
 def test_generation_metrics():
-    preds, refs = [" positive", "negative!", " it was positive"], ["positive", "negative", "positive"]
+    preds = [" positive", "negative!", " it was positive"]
+    refs = ["positive", "negative", "positive"]
     assert exact_match(preds, refs) == pytest.approx(1 / 3)
     assert contains(preds, refs) == pytest.approx(1.0)
     s = label_scores([" positive", " negative", " negative", "x"] * 2,
