@@ -117,7 +117,8 @@ def test_zero_auto_picks_a_stage_in_the_job_and_trains_under_deepspeed(tmp_path)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "distributed.zero: auto -> ZeRO-0 (CPU memory / 2 process(es) on this node" in log
+    # ZeRO-0/1/2 move the same data; ZeRO-2 partitions the most, so it leaves the most headroom.
+    assert "distributed.zero: auto -> ZeRO-2 (CPU memory / 2 process(es) on this node" in log
     assert "distributed: DEEPSPEED, world size 2" in log
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 0 and summary["steps"] == 4
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 4
