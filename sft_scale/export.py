@@ -112,7 +112,8 @@ def export_to_gguf(run_dir: str, out: str, outtype: str = "f16", checkpoint: str
     tokenizer) and its verified GGUF. A LoRA checkpoint's adapter is exported to a scratch
     folder and merged (verified) into OUT first: an adapter folder has no config.json."""
     out_path = Path(out)
-    check_output(out_path, overwrite)
+    # The base and the checkpoint are checked by export() and merge() below; the run here, first.
+    check_output(out_path, overwrite, {"training run": Path(run_dir)})
     if not run_config(Path(run_dir)).lora.enabled:
         export(run_dir, out, checkpoint, overwrite)
     else:
