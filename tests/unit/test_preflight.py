@@ -20,10 +20,14 @@ def cfg_with(*sets):
 
 
 def test_target_modules_that_exist_and_a_rank_that_fits_pass(mc):
-    check_lora_fits(cfg_with("lora.target_modules=[q_proj, v_proj]", "lora.r=32"), mc)
-    check_lora_fits(cfg_with("lora.target_modules=all-linear"), mc)
-    check_lora_fits(cfg_with("lora.target_modules=[embed_tokens]"), mc)  # PEFT adapts embeddings
-    check_lora_fits(cfg_with("lora.enabled=false", "lora.r=4096"), mc)  # full fine-tuning
+    # Each would raise a ConfigError if refused.
+    assert check_lora_fits(cfg_with("lora.target_modules=[q_proj, v_proj]", "lora.r=32"), mc) \
+        is None
+    assert check_lora_fits(cfg_with("lora.target_modules=all-linear"), mc) is None
+    # PEFT adapts embeddings too
+    assert check_lora_fits(cfg_with("lora.target_modules=[embed_tokens]"), mc) is None
+    # full fine-tuning: no rank to fit
+    assert check_lora_fits(cfg_with("lora.enabled=false", "lora.r=4096"), mc) is None
 
 
 def test_unknown_target_modules_are_named_with_the_modules_that_exist(mc):
