@@ -73,3 +73,21 @@ def family_model(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families")
     return lambda name: build_family(name, root)
+
+
+def losses(out: Path) -> list[float]:
+    """The training losses of a run, step by step."""
+    return [m["loss"] for m in train_metrics(out)]
+
+
+def adapter(out: Path) -> dict:
+    """The saved adapter's tensors."""
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def ds_launch(stage: str) -> list[str]:
+    """`accelerate launch` flags for DeepSpeed with ds_configs/STAGE.json."""
+    return ["--use_deepspeed", "--deepspeed_config_file",
+            str(ROOT / "ds_configs" / f"{stage}.json")]
+

@@ -6,26 +6,21 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl, run_train, train_metrics
+from tests.conftest import (
+    DEMO_CONFIG,
+    ROOT,
+    _free_port,
+    adapter,
+    ds_launch,
+    losses,
+    read_jsonl,
+    run_train,
+)
 
 pytestmark = pytest.mark.slow
 
 SMALL = ("training.max_steps=4", "training.micro_batch_size=4", "training.logging_steps=1")
-
-
-def ds_launch(stage: str) -> list[str]:
-    return ["--use_deepspeed", "--deepspeed_config_file",
-            str(ROOT / "ds_configs" / f"{stage}.json")]
-
-
-def losses(out):
-    return [m["loss"] for m in train_metrics(out)]
-
-
-def adapter(out):
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_train, train_metrics
+from tests.conftest import ROOT, adapter, ds_launch, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -18,19 +17,6 @@ Q4 = "quantization.load_in_4bit=true"
 SMALL = ("training.max_steps=4", "training.warmup_steps=0", "training.micro_batch_size=4",
          "training.logging_steps=1",
          "logging.plot=false", Q4)
-
-
-def ds_launch(stage: str) -> list[str]:
-    return ["--use_deepspeed", "--deepspeed_config_file",
-            str(ROOT / "ds_configs" / f"{stage}.json")]
-
-
-def losses(out):
-    return [m["loss"] for m in train_metrics(out)]
-
-
-def adapter(out):
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
 def assert_same_run(a, b):

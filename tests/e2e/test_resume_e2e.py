@@ -10,13 +10,14 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import (
     DEMO_CONFIG,
     ROOT,
     TRAIN,
     _free_port,
+    adapter,
+    losses,
     run_train,
     train_metrics,
 )
@@ -60,14 +61,6 @@ def finish(out, nproc=1, stage=None):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
-
-
-def losses(out):
-    return [m["loss"] for m in train_metrics(out)]
-
-
-def adapter(out):
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
 def kill_after_checkpoint(out, step, nproc=1, stage=None):

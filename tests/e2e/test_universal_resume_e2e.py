@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, _free_port, train_metrics
+from tests.conftest import DEMO_CONFIG, ROOT, _free_port, losses
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,6 @@ def train(out, nproc, steps, *sets):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return proc
-
-
-def losses(out):
-    return [m["loss"] for m in train_metrics(out)]
 
 
 def test_resume_two_to_one_to_two_processes_equals_an_uninterrupted_run(tmp_path):
