@@ -112,7 +112,8 @@ def _resolver():
     """sft_scale's own resolution of its speed switches on this machine (what `auto` becomes),
     or None when this sft_scale has none."""
     try:
-        from sft_scale.fastpaths import model_config, resolve_fast_paths
+        from sft_scale.builtin import read_model_config
+        from sft_scale.resolve import resolve_fast_paths
     except Exception:  # noqa: BLE001 - older/newer sft_scale: every variant simply runs
         return None
     cache = {}
@@ -120,8 +121,8 @@ def _resolver():
     def resolve(cfg):
         key = cfg.model.name_or_path
         if key not in cache:
-            cache[key] = model_config(cfg)
-        return resolve_fast_paths(cfg, None, cache[key])
+            cache[key] = read_model_config(cfg)
+        return resolve_fast_paths(cfg, None, cache[key]).as_dict()
     return resolve
 
 

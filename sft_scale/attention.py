@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 
 import torch
@@ -37,7 +36,7 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn_implementation(cfg) -> str:
+def resolve_attn_implementation(cfg, model_config=None) -> str:
     """The attention implementation `cfg.model.attn_implementation` stands for on this machine.
 
     auto: flash_attention_2 when the flash_attn package is installed, CUDA is available and the
@@ -51,7 +50,7 @@ def resolve_attn_implementation(cfg) -> str:
     if impl == "auto":
         if flash_attn_installed() and torch.cuda.is_available() and half:
             return "flash_attention_2"
-        return "sdpa" if _supports_sdpa(cfg.model.name_or_path, cfg.model.revision) else "eager"
+        return "sdpa" if _supports_sdpa(model_config) else "eager"
     if impl == "flash_attention_2":
         if not flash_attn_installed():
             raise ConfigError("'model.attn_implementation: flash_attention_2' needs the flash_attn "
@@ -67,31 +66,24 @@ def resolve_attn_implementation(cfg) -> str:
     return impl
 
 
-@functools.lru_cache(maxsize=8)
-def _supports_sdpa(name_or_path: str, revision: str | None) -> bool:
+def _supports_sdpa(model_config) -> bool:
     """transformers' own flag on the model class (config only, no weights); True when the
     class cannot be known here (transformers then decides at load)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sft_scale.builtin import resolve_model_path
+    from transformers import AutoModelForCausalLM
 
     try:
-        mc = AutoConfig.from_pretrained(resolve_model_path(name_or_path), revision=revision)
-        cls = AutoModelForCausalLM._model_mapping[type(mc)]
-    except (OSError, ValueError, KeyError):
+        cls = AutoModelForCausalLM._model_mapping[type(model_config)]
+    except (KeyError, ValueError):
         return True
     return bool(getattr(cls, "_supports_sdpa", True))
 
 
-def load_attn_implementation(cfg) -> str:
-    """What `from_pretrained(attn_implementation=...)` gets: the resolved implementation, with
-    sdpa replaced by the packed-row SDPA when the training batches are packed (`data.packing`
-    as resolved: true, not auto)."""
-    impl = resolve_attn_implementation(cfg)
-    if impl == "sdpa" and cfg.data.packing is True and cfg.task == "causal_lm":
+def attention_for_load(kernel: str) -> str:
+    """What `from_pretrained(attn_implementation=...)` gets for the resolved kernel: our
+    packed-row SDPA is registered with transformers first (in this process) when it is the one."""
+    if kernel == PACKED_SDPA:
         register_packed_sdpa()
-        return PACKED_SDPA
-    return impl
+    return kernel
 
 
 @contextlib.contextmanager

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from huggingface_hub import model_info, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from transformers import AutoConfig, PretrainedConfig
 
+from sft_scale.config import Config
 from sft_scale.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
@@ -165,3 +167,31 @@ def _pretrain(model, tokenizer, corpus: list[str], steps: int, gen) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
+
+
+def read_model_config(cfg: Config, path: str | None = None,
+                      required: bool = False) -> PretrainedConfig | None:
+    """The model's transformers config (no weights): the one place a run reads its config.json.
+    None when transformers cannot read it here (training then leaves the model class to
+    from_pretrained), or with `required` (planning needs the shapes) a ConfigError saying how to
+    point at a config.json."""
+    name = cfg.model.name_or_path
+    if path is None:
+        try:
+            path = resolve_model_path(name, cfg.model.revision)  # names what is missing, the fix
+        except ConfigError as e:
+            if not required:
+                raise
+            raise ConfigError(f"{e}. (Planning needs only the model's config.json: --set "
+                              "model.name_or_path=/path/to/config.json also works)") from None
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if not required:
+            return None
+        raise ConfigError(
+            f"model.name_or_path={name!r}: cannot read its config.json ({str(e).splitlines()[0]})."
+            " Planning needs only that file: pass a local model folder or a config.json path, "
+            "e.g. --set model.name_or_path=/path/to/config.json, or log in / go online for a "
+            "hub id") from None

@@ -12,9 +12,22 @@ import shlex
 import shutil
 from pathlib import Path
 
+import datasets
+
 from sft_scale.config import Config, check_warmup, load_config
+from sft_scale.data.pipeline import (
+    _finish,
+    encode_dataset,
+    label_names,
+    sample_examples,
+    train_sources,
+)
+from sft_scale.data.preview import mark_trained
 from sft_scale.launch import Layout, launch_command
-from sft_scale.plan import GiB, estimate, format_table
+from sft_scale.loop import total_steps
+from sft_scale.model import load_tokenizer
+from sft_scale.plan import GiB, dtype_bytes, estimate, format_table, lora_params, model_shape
+from sft_scale.resolve import resolve
 
 SAMPLE = 200  # records tokenized per source: enough for length statistics, fast on any data
 PLAN_GPU_MEMORY = 80 * GiB  # the memory plan's GPU size when --gpu-memory is not given
@@ -36,63 +49,37 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
               n_show: int = 2, gpu_memory: int | None = None) -> dict:
     """Print each check as it passes; raise ConfigError / DataError at the first that fails.
     Returns the figures as a dict (for tests and --json)."""
-    import datasets
-    from transformers import AutoConfig
-
-    from sft_scale.builtin import resolve_model_path
-    from sft_scale.data.pipeline import (
-        _finish,
-        encode_dataset,
-        label_names,
-        sample_examples,
-        train_sources,
-    )
-    from sft_scale.data.preview import mark_trained
-    from sft_scale.fastpaths import resolve_fast_paths
-    from sft_scale.loop import total_steps
-    from sft_scale.model import load_tokenizer
-    from sft_scale.plan import dtype_bytes, lora_params, model_shape
-    from sft_scale.preflight import check_lora_fits, resolve_auto_zero, resolve_deepspeed
-
     datasets.disable_progress_bars()  # check prints a report; bars would drown it
     report: dict = {}
     cfg = load_config(config, overrides, output_dir)
     print(f"config: {config} ok (task {cfg.task})")
 
-    if layout.zero == "auto" and gpu_memory is not None:
-        resolve_auto_zero(cfg, layout.world_size, gpu_memory)
-        layout.zero, layout.offload = cfg.distributed.zero, cfg.distributed.offload
-    if layout.ds_file():
-        cfg.distributed.deepspeed_config = layout.ds_file()
-        ds = resolve_deepspeed(cfg, world_size=layout.world_size)
-        report["deepspeed"] = f"ZeRO-{ds['zero_optimization']['stage']}" + (
-            " + offload" if "offload" in Path(layout.ds_file()).name else "")
-    elif layout.zero == "auto":
+    # Everything the job would decide, decided the same way; an impossible switch fails here.
+    resolved = resolve(cfg, layout, memory=gpu_memory)
+    if resolved.zero_stage is not None:
+        report["deepspeed"] = resolved.deepspeed_name
+    elif resolved.zero_pending:
         report["deepspeed"] = ("auto (chosen in the job from the memory it finds; pass "
                                "--gpu-memory to decide it here, or see `sft-scale plan`)")
     else:
         report["deepspeed"] = "no (DDP)" if layout.world_size > 1 else "no"
-    gb = cfg.global_batch_size(layout.world_size)
+    gb = resolved.global_batch_size
     print(f"layout: {layout.nodes} node(s) x {layout.nproc_per_node} process(es) = world size "
           f"{layout.world_size}; global batch {gb}; DeepSpeed: {report['deepspeed']}")
 
-    path = resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
-    mc = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
-                                    trust_remote_code=cfg.model.trust_remote_code)
-    shape = model_shape(cfg)
-    stage = int(report["deepspeed"][5]) if report["deepspeed"].startswith("ZeRO-") else None
-    fast = resolve_fast_paths(cfg, stage, mc)  # an impossible switch fails here, not on the GPUs
-    check_lora_fits(cfg, mc)
-    report["fast_paths"] = {k: fast[k] for k in ("attention_kernel", "packing", "loss",
-                                                 "torch_compile")}
+    mc, fast, stage = resolved.model_config, resolved.fast, resolved.zero_stage
+    shape = model_shape(mc if mc is not None else cfg)
+    report["fast_paths"] = {k: fast.as_dict()[k] for k in ("attention_kernel", "packing", "loss",
+                                                           "torch_compile")}
     tokenizer = load_tokenizer(cfg)
     trainable = lora_params(shape, cfg.lora) if cfg.lora.enabled else shape.total_params
     report.update(model_type=mc.model_type, total_params=shape.total_params,
                   trainable_params=trainable)
-    print(f"model: {path} ({mc.model_type}, {shape.total_params:,} parameters, {trainable:,} "
-          f"trainable); tokenizer: {len(tokenizer):,} tokens, eos {tokenizer.eos_token!r}, "
-          f"pad {tokenizer.pad_token!r}; attention {fast['attention_kernel']} (on this machine), "
-          f"loss {fast['loss']}, packing {fast['packing_reason']}")
+    print(f"model: {resolved.model_path} ({mc.model_type}, {shape.total_params:,} parameters, "
+          f"{trainable:,} trainable); tokenizer: {len(tokenizer):,} tokens, eos "
+          f"{tokenizer.eos_token!r}, pad {tokenizer.pad_token!r}; attention "
+          f"{report['fast_paths']['attention_kernel']} (on this machine), loss {fast.loss}, "
+          f"packing {fast.packing_reason}")
     if len(tokenizer) > shape.vocab_size:
         print(f"warning: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
               f"{shape.vocab_size}: ids beyond it would fail in the first batch")
@@ -122,7 +109,7 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
           f"tokens per example; {per_epoch:,} steps per epoch; {steps:,} steps, "
           f"~{report['total_tokens']:,} tokens in all")
 
-    report.update(memory_plan(cfg, layout, stage, gpu_memory))
+    report.update(memory_plan(cfg, layout, stage, resolved.offload, gpu_memory, mc))
 
     quantized = cfg.quantization.load_in_8bit or cfg.quantization.load_in_4bit
     tb = 4 if quantized and cfg.lora.enabled else dtype_bytes(cfg, shape)
@@ -145,18 +132,21 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     return report
 
 
-def memory_plan(cfg: Config, layout: Layout, stage: int | None, gpu_memory: int | None) -> dict:
+def memory_plan(cfg: Config, layout: Layout, stage: int | None, offload: bool,
+                gpu_memory: int | None, model_config=None) -> dict:
     """Print `sft-scale plan`'s table for this layout and say whether the checked variant fits.
     Without --gpu-memory the GPUs are assumed to have 80 GiB, and not fitting only warns."""
-    plan = estimate(cfg, layout.world_size, gpu_memory or PLAN_GPU_MEMORY)
+    plan = estimate(cfg, layout.world_size, gpu_memory or PLAN_GPU_MEMORY,
+                    model_config=model_config)
     assumed = "" if gpu_memory else (f" (assuming {_size(PLAN_GPU_MEMORY)} GPUs; pass "
                                      "--gpu-memory for yours)")
     print(f"memory plan{assumed}:\n{format_table(plan)}")
-    if layout.zero == "auto":  # the job decides; the plan's recommendation is what it will pick
+    if layout.zero == "auto" and stage is None:
+        # the job decides; the plan's recommendation is what it will pick
         rec = plan["recommendation"]
         row = next((r for r in plan["rows"] if rec and r["name"] == rec["name"]), None)
     else:
-        offload = bool(layout.offload) and stage in (2, 3)
+        offload = offload and stage in (2, 3)
         # Plain DDP keeps what ZeRO-0 keeps: a full copy of every state on each process.
         row = next(r for r in plan["rows"]
                    if r["stage"] == (stage or 0) and r["offload"] == offload)

@@ -11,7 +11,7 @@ step (see data/sampler.py), so step + RNG + optimizer + scheduler is the whole t
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -67,13 +67,12 @@ def run_identity(cfg: Config, world_size: int, zero_stage: int | None) -> dict:
 def _without_volatile(cfg: Config) -> Config:
     """The config minus what may change between a run and its resumption (where it writes,
     how often it checkpoints, how long it runs)."""
-    c = copy.deepcopy(cfg)
-    c.output.dir, c.checkpoint.resume, c.output.overwrite = "", "auto", False
-    c.checkpoint.allow_data_change = False
-    c.training.max_steps, c.training.num_epochs = 0, 0.0
-    c.checkpoint.every_steps, c.checkpoint.keep_last = 0, 0
-    c.checkpoint.resume_world_size_change = "convert"
-    return c
+    return dataclasses.replace(
+        cfg, output=dataclasses.replace(cfg.output, dir="", overwrite=False),
+        checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto", allow_data_change=False,
+                                       every_steps=0, keep_last=0,
+                                       resume_world_size_change="convert"),
+        training=dataclasses.replace(cfg.training, max_steps=0, num_epochs=0.0))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -447,6 +446,11 @@ def find_resume_checkpoint(cfg: Config, out_dir: Path) -> Path | None:
         if problem:
             raise CheckpointError(f"checkpoint.resume={choice}: cannot resume from it: {problem}")
         return path
+    return latest_good_checkpoint(out_dir)
+
+
+def latest_good_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint in `out_dir` that verifies (a broken one is skipped, warned about)."""
     for path in reversed(list_checkpoints(out_dir)):
         problem = verify(path)
         if problem is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -43,26 +44,23 @@ def _zero_arg(text: str):
 def cmd_train(args) -> int:
     from sft_scale.config import load_config
     from sft_scale.launch import Layout, launch_command
-    from sft_scale.preflight import resolve_deepspeed
+    from sft_scale.resolve import resolve
 
     cfg = load_config(args.config, args.overrides, args.output_dir)  # fail fast, before launching
     if not 0 <= args.node_rank < args.nodes:
         raise ConfigError(f"--node-rank {args.node_rank}: must be in [0, --nodes {args.nodes})")
-    zero = args.zero if args.zero is not None else cfg.distributed.zero
-    offload = args.offload or cfg.distributed.offload
-    layout = Layout(nproc_per_node=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
-                    master_addr=args.master_addr, master_port=args.master_port, zero=zero,
-                    offload=offload, deepspeed_config=args.deepspeed_config
-                    or cfg.distributed.deepspeed_config)
+    layout = Layout.for_config(cfg, args.zero, args.offload, args.deepspeed_config,
+                               nproc_per_node=args.nproc, nodes=args.nodes,
+                               node_rank=args.node_rank, master_addr=args.master_addr,
+                               master_port=args.master_port)
     cmd = launch_command(args.config, layout, args.overrides, args.output_dir)
-    # Resolve (and check) the DeepSpeed config for this world size now, so a contradiction or
-    # an "auto" that cannot be filled fails here, not on the cluster.
-    if layout.ds_file():
-        cfg.distributed.deepspeed_config = layout.ds_file()
-        ds = resolve_deepspeed(cfg, world_size=layout.world_size)
-        print("deepspeed (resolved): " + json.dumps(ds), flush=True)
+    # Resolve (and check) the run for this layout now, so a contradiction or an "auto" that
+    # cannot be filled fails here, not on the cluster.
+    resolved = resolve(cfg, layout)
+    if resolved.deepspeed is not None:
+        print("deepspeed (resolved): " + json.dumps(resolved.deepspeed), flush=True)
     print(f"world size {layout.world_size} = {args.nodes} node(s) x {args.nproc} process(es); "
-          f"global batch {cfg.global_batch_size(layout.world_size)}", flush=True)
+          f"global batch {resolved.global_batch_size}", flush=True)
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -97,11 +95,9 @@ def cmd_check(args) -> int:
     from sft_scale.launch import Layout
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
-    layout = Layout(nproc_per_node=args.gpus_per_node, nodes=args.nodes,
-                    master_addr=args.master_addr,
-                    zero=args.zero if args.zero is not None else cfg.distributed.zero,
-                    offload=args.offload or cfg.distributed.offload,
-                    deepspeed_config=args.deepspeed_config or cfg.distributed.deepspeed_config)
+    layout = Layout.for_config(cfg, args.zero, args.offload, args.deepspeed_config,
+                               nproc_per_node=args.gpus_per_node, nodes=args.nodes,
+                               master_addr=args.master_addr)
     report = run_check(args.config, args.overrides, args.output_dir, layout,
                        gpu_memory=_memory_arg(args.gpu_memory) if args.gpu_memory else None)
     if args.json:
@@ -221,9 +217,11 @@ def cmd_eval(args) -> int:
                           "adapter_config.json); pass a run's OUTPUT_DIR/adapter or "
                           "OUTPUT_DIR/best_adapter folder")
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    cfg.model.name_or_path = args.model
-    cfg.eval.max_new_tokens = args.max_new_tokens
-    cfg.eval.max_examples = args.max_examples
+    # A config of its own for this evaluation; the loaded one stays as read.
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name_or_path=args.model),
+        eval=dataclasses.replace(cfg.eval, max_new_tokens=args.max_new_tokens,
+                                 max_examples=args.max_examples))
     result = eval_before_after(cfg, args.adapter,
                                [DatasetSource(path=str(Path(args.data).absolute()))])
     print(format_table(result))

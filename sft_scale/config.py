@@ -22,8 +22,33 @@ import yaml
 from sft_scale.errors import ConfigError  # noqa: F401  (re-exported: its historic home)
 
 
+class ReadOnlyAfterLoad:
+    """Config sections are read-only once loaded: what a run decides from them (auto values, the
+    DeepSpeed JSON, packing) lives on sft_scale.resolve.Resolved, so the config a run saves is
+    the one its user wrote. `dataclasses.replace` makes an edited copy where one is needed."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_read_only"):
+            raise AttributeError(
+                f"{type(self).__name__}.{name}: the config is read-only after loading; derive "
+                "values in sft_scale.resolve.resolve() or use dataclasses.replace for a copy")
+        super().__setattr__(name, value)
+
+
+def _make_read_only(section: Any) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _make_read_only(value)
+        elif isinstance(value, list):
+            for item in value:
+                if dataclasses.is_dataclass(item):
+                    _make_read_only(item)
+    object.__setattr__(section, "_read_only", True)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(ReadOnlyAfterLoad):
     # A local folder or a hub id; "builtin:tiny-llama" is the embedded demo model.
     name_or_path: str = "builtin:tiny-llama"
     tokenizer: str | None = None  # defaults to name_or_path
@@ -41,7 +66,7 @@ class ModelConfig:
 
 
 @dataclass
-class QuantizationConfig:
+class QuantizationConfig(ReadOnlyAfterLoad):
     # bitsandbytes LLM.int8 (8-bit) or 4-bit (QLoRA) frozen base weights; LoRA only, one of the two.
     load_in_8bit: bool = False
     llm_int8_threshold: float = 6.0
@@ -58,7 +83,7 @@ class QuantizationConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(ReadOnlyAfterLoad):
     enabled: bool = True  # false means full fine-tuning
     r: int = 8
     alpha: int = 16
@@ -74,7 +99,7 @@ Format = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", 
 
 
 @dataclass
-class DatasetSource:
+class DatasetSource(ReadOnlyAfterLoad):
     # A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, or a hub dataset id.
     path: str = ""
     format: Format = "auto"
@@ -97,7 +122,7 @@ class DatasetSource:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ReadOnlyAfterLoad):
     train_files: list[str] = field(default_factory=list)  # shorthand for datasets: [{path: ...}]
     eval_files: list[str] = field(default_factory=list)
     datasets: list[DatasetSource] = field(default_factory=list)
@@ -122,7 +147,7 @@ class DataConfig:
     # restarting at 0 per example, attention never crossing examples; the same examples per
     # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
     # example (our packed SDPA or flash-attention 2) and the model passes example boundaries to
-    # its attention; off otherwise (sft_scale/fastpaths.py: resolve_packing).
+    # its attention; off otherwise (sft_scale/resolve.py: resolve_packing).
     packing: bool | Literal["auto"] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
@@ -135,7 +160,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(ReadOnlyAfterLoad):
     seed: int = 42
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -165,7 +190,7 @@ class TrainingConfig:
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(ReadOnlyAfterLoad):
     dir: str = "runs/sft"
     save_tokenizer: bool = True
     overwrite: bool = False  # refuse to train into a dir that already holds a finished adapter
@@ -174,7 +199,7 @@ class OutputConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(ReadOnlyAfterLoad):
     every_steps: int = 0  # 0: only at the end (and on preemption)
     keep_last: int = 2
     # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
@@ -189,7 +214,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class DistributedConfig:
+class DistributedConfig(ReadOnlyAfterLoad):
     # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
     # records the intent so the launch helpers and checks can read it.
     # 0-3: ds_configs/zeroN.json; null: DDP; auto: the least-communication stage (and offload)
@@ -204,7 +229,7 @@ class DistributedConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ReadOnlyAfterLoad):
     every_steps: int = 0  # 0: evaluate at the end only (when there is eval data)
     micro_batch_size: int = 8
     # Which eval metric picks the best adapter (saved to OUTPUT_DIR/best_adapter): eval_loss
@@ -215,7 +240,7 @@ class EvalConfig:
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(ReadOnlyAfterLoad):
     # Label names in head order; empty: the sorted distinct labels of the training data.
     labels: list[str] = field(default_factory=list)
     # auto: multi_label when labels are lists, else single_label (binary when 2 labels).
@@ -223,14 +248,14 @@ class ClassificationConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(ReadOnlyAfterLoad):
     tensorboard: bool = True  # event files in OUTPUT_DIR/tensorboard
     wandb: bool = False  # when installed; project from WANDB_PROJECT
     plot: bool = True  # OUTPUT_DIR/loss.png at the end
 
 
 @dataclass
-class Config:
+class Config(ReadOnlyAfterLoad):
     # causal_lm: generate answers (SFT). classification: a sequence-classification head.
     task: Literal["causal_lm", "classification"] = "causal_lm"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -287,6 +312,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     # add a second, confusing message for the same key.
     problems += [p for p in check_values(cfg) if p.key not in bad]
     raise_problems(problems, src, lines)
+    _make_read_only(cfg)
     return cfg
 
 
@@ -296,6 +322,7 @@ def config_from_dict(d: dict, source: str = "<saved config>") -> Config:
     cfg = _build(Config, {k: v for k, v in d.items() if k != "resolved"}, "", problems)
     bad = {p.key for p in problems}
     raise_problems(problems + [p for p in check_values(cfg) if p.key not in bad], source, None)
+    _make_read_only(cfg)
     return cfg
 
 

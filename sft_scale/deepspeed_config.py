@@ -39,23 +39,6 @@ def launcher_ds_file() -> str | None:
     return None
 
 
-def ds_config_path(cfg: Config) -> str | None:
-    """The JSON named by the launcher (accelerate launch --deepspeed_config_file), else the
-    config's `distributed.deepspeed_config`, else ds_configs/zeroN.json for `distributed.zero`."""
-    env = launcher_ds_file()
-    if env:
-        return env
-    if cfg.distributed.deepspeed_config:
-        return cfg.distributed.deepspeed_config
-    if cfg.distributed.zero == "auto":
-        raise ConfigError("distributed.zero: auto must be resolved first "
-                          "(sft_scale.preflight.resolve_deepspeed does it)")
-    if cfg.distributed.zero is not None:
-        suffix = "_offload" if cfg.distributed.offload else ""
-        return str(DS_CONFIG_DIR / f"zero{cfg.distributed.zero}{suffix}.json")
-    return None
-
-
 def load_ds_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sft_scale.builtin import resolve_model_path
-from sft_scale.checkpoint import find_resume_checkpoint, verify, weights_only_loads
+from sft_scale.checkpoint import latest_good_checkpoint, verify, weights_only_loads
 from sft_scale.config import Config, ConfigError, config_from_dict
 from sft_scale.gguf_export import export_gguf
 from sft_scale.io_utils import atomic_dir
@@ -59,8 +59,7 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
         if problem:
             raise ConfigError(f"--checkpoint {ckpt}: not a usable checkpoint: {problem}")
     else:
-        cfg.checkpoint.resume = "auto"
-        ckpt = find_resume_checkpoint(cfg, run)
+        ckpt = latest_good_checkpoint(run)
         if ckpt is None:
             raise ConfigError(f"{run}: no complete checkpoint in {run / 'checkpoints'}")
     state = checkpoint_state_dict(ckpt)

@@ -31,13 +31,23 @@ class Layout:
     deepspeed_config: str | None = None  # a JSON file; overrides zero/offload
     extra_sets: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_config(cls, cfg, zero=None, offload: bool = False, deepspeed_config: str | None = None,
+                   **placement) -> Layout:
+        """The layout of a run of `cfg`: command-line choices (`zero`, `offload`,
+        `deepspeed_config`; None/False: not given) over the config's `distributed` section."""
+        return cls(zero=zero if zero is not None else cfg.distributed.zero,
+                   offload=offload or cfg.distributed.offload,
+                   deepspeed_config=deepspeed_config or cfg.distributed.deepspeed_config,
+                   **placement)
+
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nodes
 
     def ds_file(self) -> str | None:
         if self.zero == "auto" and not self.deepspeed_config:
-            # decided inside the job, where the devices are (preflight.resolve_auto_zero)
+            # decided inside the job, where the devices are (sft_scale.resolve)
             return None
         return self.deepspeed_config or ds_file_for(self.zero, self.offload)
 

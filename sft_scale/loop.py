@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from sft_scale.config import Config
 from sft_scale.data import GlobalBatchSampler
 from sft_scale.data.collate import to_device
+from sft_scale.data.loader import step_loader
 from sft_scale.errors import DivergedError
 from sft_scale.metrics import MetricsWriter, peak_memory_mb
 
@@ -49,8 +54,6 @@ def build_optimizer(model, cfg: Config):
 
 
 def build_scheduler(optimizer, cfg: Config, steps: int):
-    from transformers import get_scheduler
-
     t = cfg.training
     warmup = t.warmup_steps or int(round(t.warmup_ratio * steps))
     # Stepped by the loop once per optimizer step and deliberately not passed through
@@ -68,14 +71,47 @@ class LoopState:
     losses: list[float] = field(default_factory=list)
 
 
-def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: GlobalBatchSampler,
-               cfg: Config, steps: int, metrics: MetricsWriter, pad_token_id: int, task,
-               state: LoopState | None = None, trace=None, on_step_end=None) -> LoopState:
-    """Train until `steps` (or until `on_step_end(state)` returns True, e.g. on preemption)."""
-    from tqdm.auto import tqdm
+@dataclass
+class Training:
+    """What the loop trains: the model and optimizer as the accelerator prepared them, and the
+    schedule (stepped by the loop, not prepared: see build_scheduler)."""
 
-    from sft_scale.data.loader import step_loader
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    trainable_parameters: int = 0
+    total_parameters: int = 0
 
+
+@dataclass
+class Batches:
+    """What each step trains on: `sampler` picks a step's examples of `dataset`, `task` collates
+    and scores them; `trace(step, micro_batches)` records them when set."""
+
+    dataset: Any
+    sampler: GlobalBatchSampler
+    task: Any  # sft_scale.tasks.Task
+    pad_token_id: int
+    steps: int
+    trace: Callable[[int, list[list[int]]], None] | None = None
+
+
+class StepHooks:
+    """Called after every optimizer step; `after_step` returning True stops the loop (the
+    recipe checks preemption, evaluates and checkpoints there)."""
+
+    def after_step(self, state: LoopState) -> bool:
+        return False
+
+
+def train_loop(training: Training, batches: Batches, cfg: Config, metrics: MetricsWriter,
+               state: LoopState | None = None, hooks: StepHooks | None = None) -> LoopState:
+    """Train until `batches.steps` (or until `hooks.after_step` says stop, e.g. on preemption)."""
+    accelerator, model = training.accelerator, training.model
+    optimizer, scheduler = training.optimizer, training.scheduler
+    sampler, task, steps = batches.sampler, batches.task, batches.steps
+    hooks = hooks or StepHooks()
     state = state or LoopState()
     scale = cfg.training.gradient_accumulation_steps * accelerator.num_processes
     clip = cfg.training.max_grad_norm or float("inf")
@@ -84,18 +120,18 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
     trainable = [p for p in model.parameters() if p.requires_grad]
     cuda = accelerator.device.type == "cuda"
     pin = bool(cfg.data.pin_memory and cuda)  # pinned host memory only speeds host->GPU copies
-    batches = step_loader(dataset, sampler, task.collate, task.count, pad_token_id, state.step,
-                          steps, cfg.data.num_workers, pin,
-                          columns=["input_ids", "labels", "label"])
+    loader = step_loader(batches.dataset, sampler, task.collate, task.count,
+                         batches.pad_token_id, state.step, steps, cfg.data.num_workers, pin,
+                         columns=["input_ids", "labels", "label"])
     bar = tqdm(total=steps, initial=state.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
     t_last, tokens_last, step_last = time.perf_counter(), state.tokens_seen, state.step
-    for item in batches:
+    for item in loader:
         assert item["step"] == state.step, (item["step"], state.step)
         micro = item["micro"]
-        if trace is not None:
-            trace(state.step, sampler.micro_batches(state.step))
+        if batches.trace is not None:
+            batches.trace(state.step, sampler.micro_batches(state.step))
         # Normalise by the trained items (tokens, or examples for classification) of the whole
         # global batch (all micro-batches, all ranks),
         # so the gradient is the same however the batch is split across ranks and accumulation.
@@ -144,8 +180,8 @@ def train_loop(accelerator, model, optimizer, scheduler, dataset, sampler: Globa
                            "peak_memory_mb": peak_memory_mb(accelerator.device)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         bar.update(1)
-        if on_step_end is not None and on_step_end(state):
+        if hooks.after_step(state):
             break
-    del batches  # stops DataLoader workers when we leave early (preemption)
+    del loader  # stops DataLoader workers when we leave early (preemption)
     bar.close()
     return state

@@ -100,18 +100,20 @@ def _has_sentencepiece() -> bool:
     return True
 
 
-def load_model(cfg: Config, device_index: int | None = None, labels: list[str] | None = None,
-               problem: str | None = None, pad_token_id: int | None = None,
-               zero_stage: int | None = None):
+def load_model(cfg: Config, resolved, device_index: int | None = None,
+               labels: list[str] | None = None, problem: str | None = None,
+               pad_token_id: int | None = None):
     """The model, quantized and wrapped with LoRA as the config says, ready for training: a causal
-    LM, or for task: classification a sequence-classification head over `labels`."""
+    LM, or for task: classification a sequence-classification head over `labels`. `resolved`:
+    the run's sft_scale.resolve.Resolved (model path, attention, ZeRO stage)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from sft_scale.attention import load_attn_implementation
+    from sft_scale.attention import attention_for_load
 
-    path = resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
+    path, zero_stage = resolved.model_path, resolved.zero_stage
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-                  dtype=DTYPES[cfg.model.dtype], attn_implementation=load_attn_implementation(cfg),
+                  dtype=DTYPES[cfg.model.dtype],
+                  attn_implementation=attention_for_load(resolved.fast.attention_kernel),
                   use_safetensors=True)
     quant = bnb_config(cfg, zero_stage)
     if quant is not None:

@@ -8,6 +8,7 @@ layer. Causal LMs only: the logits term assumes a vocabulary-sized output head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,10 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+
+from sft_scale.builtin import read_model_config
 
 GiB = 1024 ** 3
 GPU_OVERHEAD = GiB  # CUDA context, NCCL and ZeRO bucket buffers, allocator fragmentation
@@ -56,30 +61,11 @@ class ModelShape:
 
 
 def _model_config(src):
-    from transformers import AutoConfig, PretrainedConfig
-
     if isinstance(src, PretrainedConfig):
         return src
     if isinstance(src, (str, Path)):
         return AutoConfig.from_pretrained(str(src))
-    from sft_scale.builtin import resolve_model_path  # an sft_scale Config
-    from sft_scale.config import ConfigError
-
-    name = src.model.name_or_path
-    try:
-        path = resolve_model_path(name, src.model.revision)  # names what is missing, and the fix
-    except ConfigError as e:
-        raise ConfigError(f"{e}. (Planning needs only the model's config.json: --set "
-                          "model.name_or_path=/path/to/config.json also works)") from None
-    try:
-        return AutoConfig.from_pretrained(path, revision=src.model.revision,
-                                          trust_remote_code=src.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"model.name_or_path={name!r}: cannot read its config.json ({str(e).splitlines()[0]})."
-            " Planning needs only that file: pass a local model folder or a config.json path, "
-            "e.g. --set model.name_or_path=/path/to/config.json, or log in / go online for a "
-            "hub id") from None
+    return read_model_config(src, required=True)  # an sft_scale Config
 
 
 def model_shape(src) -> ModelShape:
@@ -310,10 +296,12 @@ def _largest_micro(fits) -> int | None:
 
 
 def estimate(cfg, world_size: int, gpu_memory_bytes: int, micro_batch: int | None = None,
-             overhead_bytes: int = GPU_OVERHEAD, headroom: float = HEADROOM) -> dict:
+             overhead_bytes: int = GPU_OVERHEAD, headroom: float = HEADROOM,
+             model_config=None) -> dict:
     """Per-GPU bytes for every ZeRO variant, which fit in `headroom` of the GPU, the largest
-    micro-batch each allows, and the recommendation. JSON-serialisable."""
-    shape = model_shape(cfg)
+    micro-batch each allows, and the recommendation. JSON-serialisable. `model_config`: the
+    model's config when the caller has read it already (sft_scale.resolve)."""
+    shape = model_shape(model_config if model_config is not None else cfg)
     micro = micro_batch or cfg.training.micro_batch_size
     budget = int(gpu_memory_bytes * headroom)
     rows = []
@@ -340,7 +328,7 @@ def estimate(cfg, world_size: int, gpu_memory_bytes: int, micro_batch: int | Non
     plan["recommendation"], plan["explanation"] = recommend(plan)
     if plan["recommendation"] is None or plan["recommendation"]["offload"]:
         hint = _quantized_alternative(cfg, world_size, gpu_memory_bytes, micro_batch,
-                                      overhead_bytes, headroom)
+                                      overhead_bytes, headroom, model_config)
         if hint:
             plan["quantization_hint"] = hint
             plan["explanation"] += ". " + hint["text"]
@@ -353,18 +341,16 @@ def quant_mode(cfg) -> str | None:
 
 
 def _quantized_alternative(cfg, world_size, gpu_memory_bytes, micro_batch, overhead_bytes,
-                           headroom) -> dict | None:
+                           headroom, model_config) -> dict | None:
     """For LoRA on an unquantized base that does not fit (or only with offload): the first of
     8-bit and 4-bit whose plan fits without offload, as the setting to add."""
-    import copy
-
     if not cfg.lora.enabled or quant_mode(cfg):
         return None
     for key, name in (("load_in_8bit", "8-bit"), ("load_in_4bit", "4-bit")):
-        alt = copy.deepcopy(cfg)
-        setattr(alt.quantization, key, True)
+        alt = dataclasses.replace(cfg, quantization=dataclasses.replace(cfg.quantization,
+                                                                        **{key: True}))
         rec = estimate(alt, world_size, gpu_memory_bytes, micro_batch, overhead_bytes,
-                       headroom)["recommendation"]
+                       headroom, model_config)["recommendation"]
         if rec and not rec["offload"]:
             return {"quantization": name, "set": f"quantization.{key}=true", **rec,
                     "text": f"With a {name} base it fits: --set quantization.{key}=true -> "

@@ -11,28 +11,14 @@ from pathlib import Path
 
 from sft_scale.config import Config, ConfigError
 from sft_scale.deepspeed_config import (
-    ds_config_path,
-    launcher_ds_file,
     load_ds_config,
     offloads_optimizer,
     resolve_ds_config,
     zero_stage,
 )
-from sft_scale.distributed import world_size_from_env
 from sft_scale.plan import estimate, format_table, lora_targets, matches_module, model_shape
 
 log = logging.getLogger(__name__)
-
-
-def model_hidden_size(cfg: Config) -> int | None:
-    from transformers import AutoConfig
-
-    from sft_scale.builtin import resolve_model_path
-
-    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path, cfg.model.revision),
-                                    revision=cfg.model.revision,
-                                    trust_remote_code=cfg.model.trust_remote_code)
-    return getattr(mc, "hidden_size", None) or getattr(mc, "d_model", None)
 
 
 def check_lora_fits(cfg: Config, mc) -> None:
@@ -86,37 +72,38 @@ def device_memory_bytes() -> tuple[int, str]:
     return total // local, f"CPU memory / {local} process(es) on this node"
 
 
-def resolve_auto_zero(cfg: Config, world_size: int, memory: int | None = None) -> None:
-    """`distributed.zero: auto` -> the stage (and offload) sft-scale plan recommends for this
-    world size and device, written into cfg. Every rank sees the same devices, so all agree."""
+def choose_zero(cfg: Config, world_size: int, model_config,
+                memory: int | None = None) -> tuple[int, bool, str]:
+    """`distributed.zero: auto` -> (stage, offload, why): what `sft-scale plan` recommends for this
+    world size and this device's memory (or `memory`). Every rank sees the same devices, so all
+    agree."""
     where = "the --gpu-memory given"
     if memory is None:
         memory, where = device_memory_bytes()
-    plan = estimate(cfg, world_size, memory)
+    plan = estimate(cfg, world_size, memory, model_config=model_config)
     rec = plan["recommendation"]
     if rec is None or not any(r["fits"] for r in plan["rows"]):
         raise ConfigError(f"distributed.zero: auto: no ZeRO stage fits micro-batch "
                           f"{cfg.training.micro_batch_size} in {where}. {plan['explanation']}\n"
                           + format_table(plan))
-    cfg.distributed.zero, cfg.distributed.offload = rec["stage"], rec["offload"]
+    note = f"distributed.zero: auto -> {rec['name']} ({where}: {plan['explanation']})"
     if os.environ.get("RANK", "0") == "0":  # runs before logging is set up; one rank says it
-        print(f"distributed.zero: auto -> {rec['name']} ({where}: {plan['explanation']})\n"
-              + format_table(plan), flush=True)
+        print(note + "\n" + format_table(plan), flush=True)
+    return rec["stage"], rec["offload"], note
 
 
-def resolve_deepspeed(cfg: Config, world_size: int | None = None,
-                      in_job: bool = False) -> dict | None:
-    """The DeepSpeed config this run will use, fully resolved and checked, or None (DDP).
-    `in_job`: called by a training process, where the offload optimizer's op can be built."""
-    if cfg.distributed.zero == "auto" and not cfg.distributed.deepspeed_config \
-            and not launcher_ds_file():
-        resolve_auto_zero(cfg, world_size or world_size_from_env())
-    path = ds_config_path(cfg)
-    if path is None:
-        return None
-    world = world_size or world_size_from_env()
-    ds = resolve_ds_config(load_ds_config(path), cfg, world, model_hidden_size(cfg), source=path)
+def resolve_deepspeed(cfg: Config, path: str, world_size: int, model_config=None,
+                      in_job: bool = False, zero_asked: int | None = None) -> dict:
+    """The DeepSpeed JSON at `path`, every "auto" filled from the config and checked against it.
+    `in_job`: called by a training process, where the offload optimizer's op can be built.
+    `zero_asked`: the stage the config or command line asked for (a launcher's file wins)."""
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "d_model", None)
+    ds = resolve_ds_config(load_ds_config(path), cfg, world_size, hidden, source=path)
     check_compatibility(cfg, ds, path)
+    stage = zero_stage(ds)
+    if zero_asked is not None and stage != zero_asked:
+        log.warning("distributed.zero=%s but the DeepSpeed config in use (%s) is stage %s; the "
+                    "launcher's file wins", zero_asked, path, stage)
     if in_job and offloads_optimizer(ds) and ds.get("zero_force_ds_cpu_optimizer") \
             and load_ds_config(path).get("zero_force_ds_cpu_optimizer", "auto") == "auto":
         ds["zero_force_ds_cpu_optimizer"] = choose_offload_optimizer()
@@ -205,7 +192,3 @@ def check_compatibility(cfg: Config, ds: dict | None, source: str = "<deepspeed 
                           f"{cfg.training.optimizer} (bitsandbytes) cannot run there. Use "
                           "training.optimizer: adamw with offload, or drop offload to keep "
                           f"{cfg.training.optimizer}.")
-    if cfg.distributed.zero is not None and stage is not None and stage != cfg.distributed.zero \
-            and ds_config_path(cfg) != cfg.distributed.deepspeed_config:
-        log.warning("distributed.zero=%s but the DeepSpeed config in use (%s) is stage %s; the "
-                    "launcher's file wins", cfg.distributed.zero, source, stage)

@@ -33,7 +33,6 @@ import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from sft_scale.builtin import resolve_model_path
 from sft_scale.config import load_config
 from sft_scale.errors import ClusterError, ConfigError
 from sft_scale.launch import Layout, launch_command
@@ -217,10 +216,11 @@ def _path_value(what: str, path: str) -> str:
 
 # ---- the signal window ----------------------------------------------------------------------
 
-def checkpoint_bytes(cfg) -> int:
+def checkpoint_bytes(cfg, model_config=None) -> int:
     """What a checkpoint holds, all ranks together: the trained weights, their fp32 master copy
-    under 16-bit training, and AdamW's two fp32 moments (frozen base weights are not saved)."""
-    shape = model_shape(cfg)
+    under 16-bit training, and AdamW's two fp32 moments (frozen base weights are not saved).
+    `model_config`: the model's config when already read (sft_scale.resolve)."""
+    shape = model_shape(model_config if model_config is not None else cfg)
     wb = dtype_bytes(cfg, shape)
     if cfg.lora.enabled:
         trainable = lora_params(shape, cfg.lora)
@@ -231,12 +231,12 @@ def checkpoint_bytes(cfg) -> int:
     return trainable * (tb + master + 8)
 
 
-def signal_window(cfg, opts: SlurmOptions) -> tuple[int, str]:
+def signal_window(cfg, opts: SlurmOptions, model_config=None) -> tuple[int, str]:
     """Seconds before the time limit for USR1, and how they were chosen."""
     if opts.signal_seconds is not None:
         seconds, why = opts.signal_seconds, "set with --signal-seconds"
     else:
-        size, rate = checkpoint_bytes(cfg), parse_size(opts.write_bandwidth)
+        size, rate = checkpoint_bytes(cfg, model_config), parse_size(opts.write_bandwidth)
         write = size / rate
         seconds = max(MIN_SIGNAL_S, math.ceil(2 * write) + STEP_MARGIN_S)
         why = (f"checkpoint ~{size / 1e9:.3g} GB at {opts.write_bandwidth}/s (--write-bandwidth):"
@@ -289,25 +289,21 @@ def render(config: str, opts: SlurmOptions, overrides: list[str] = (),
     (e.g. a data preparation command); quoted like everything else."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    from sft_scale.preflight import resolve_deepspeed
+    from sft_scale.resolve import resolve
 
     validate_options(opts)
     config = _path_value("--config", str(Path(config).absolute()))
     cfg = load_config(config, list(overrides), output_dir)
-    # A model that cannot be found (a missing folder, a hub id neither cached nor reachable)
-    # fails here in seconds, not after the job has waited in the queue.
-    resolve_model_path(cfg.model.name_or_path, cfg.model.revision)
     out = Path(_path_value("output dir (output.dir / --output-dir)",
                            str(Path(cfg.output.dir).resolve())))
-    layout = Layout(nproc_per_node=opts.procs, nodes=opts.nodes, node_rank="${SLURM_NODEID}",
-                    master_addr="${MASTER_ADDR}", master_port="${MASTER_PORT}",
-                    zero=opts.zero if opts.zero is not None else cfg.distributed.zero,
-                    offload=opts.offload or cfg.distributed.offload,
-                    deepspeed_config=opts.deepspeed_config or cfg.distributed.deepspeed_config)
-    if layout.ds_file():  # resolve now: a contradiction fails here, not in the queue
-        cfg.distributed.deepspeed_config = layout.ds_file()
-        resolve_deepspeed(cfg, world_size=layout.world_size)
-    seconds, why = signal_window(cfg, opts)
+    layout = Layout.for_config(cfg, opts.zero, opts.offload, opts.deepspeed_config,
+                               nproc_per_node=opts.procs, nodes=opts.nodes,
+                               node_rank="${SLURM_NODEID}", master_addr="${MASTER_ADDR}",
+                               master_port="${MASTER_PORT}")
+    # Resolved now: a model that cannot be found (a missing folder, a hub id neither cached nor
+    # reachable) or a contradiction fails here in seconds, not after the job waited in the queue.
+    resolved = resolve(cfg, layout)
+    seconds, why = signal_window(cfg, opts, resolved.model_config)
     prepare = opts.prepare_data if opts.prepare_data is not None else opts.nodes > 1
     if prepare and pre_step is None:
         # Written to data.prepared_dir (default OUT/prepared_data), which every rank then loads.

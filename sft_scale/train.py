@@ -21,11 +21,40 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from accelerate.utils import set_seed
+from safetensors import SafetensorError
+
+from sft_scale import checkpoint as ckpt
+from sft_scale import outputs
+from sft_scale.builtin import resolve_model_path
 from sft_scale.config import Config, ConfigError, check_warmup, dump_yaml, load_config
+from sft_scale.data import GlobalBatchSampler, build_datasets
+from sft_scale.data.prepared import find_prepared, load_prepared
+from sft_scale.data.templates import resolve_template
+from sft_scale.distributed import describe, make_accelerator
 from sft_scale.errors import OutputWriteError, SftScaleError, run_reporting_errors
-from sft_scale.loop import LoopState
+from sft_scale.eval_loop import evaluate, improved
+from sft_scale.loop import (
+    Batches,
+    LoopState,
+    StepHooks,
+    Training,
+    build_optimizer,
+    build_scheduler,
+    total_steps,
+    train_loop,
+)
+from sft_scale.manifest import attempt_record, git_commit, package_versions
+from sft_scale.metrics import MetricsWriter, plot_losses
+from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
+from sft_scale.preemption import PREEMPTED_EXIT_CODE, Preemption
+from sft_scale.resolve import Resolved, in_job_layout, resolve
+from sft_scale.serving import for_training
+from sft_scale.tasks import Task, causal_lm, classification
 
 log = logging.getLogger("sft_scale")
 
@@ -41,7 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sft_scale.preemption import PREEMPTED_EXIT_CODE
 
     def train() -> int:
         summary = run(load_config(args.config, args.overrides, args.output_dir))
@@ -53,199 +81,318 @@ def main(argv=None) -> int:
 def run(cfg: Config) -> dict:
     """Train as the config says; returns the run summary (also saved as summary.json).
     `summary["ended"]` is "completed", "preempted" (checkpoint written) or "already_completed"."""
-    from accelerate.utils import set_seed
-
-    from sft_scale import checkpoint as ckpt
-    from sft_scale import outputs
-    from sft_scale.builtin import resolve_model_path
-    from sft_scale.data import GlobalBatchSampler
-    from sft_scale.data.templates import resolve_template
-    from sft_scale.distributed import describe, make_accelerator
-    from sft_scale.eval_loop import evaluate, improved
-    from sft_scale.fastpaths import model_config, resolve_fast_paths
-    from sft_scale.loop import build_optimizer, build_scheduler, total_steps, train_loop
-    from sft_scale.manifest import attempt_record, git_commit, package_versions
-    from sft_scale.metrics import MetricsWriter, plot_losses
-    from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
-    from sft_scale.preemption import Preemption
-    from sft_scale.preflight import check_lora_fits, check_optimizer, resolve_deepspeed
-    from sft_scale.serving import for_training
-    from sft_scale.tasks import causal_lm, classification
-
     started = time.time()
     preemption = Preemption().install()  # early: a signal during loading must not kill us
-    ds_config = resolve_deepspeed(cfg, in_job=True)
-    check_optimizer(cfg)
-    mc = model_config(cfg)
-    # Before the accelerator: under ZeRO-3 it makes transformers build every model (even the
-    # meta-device one this check uses) through deepspeed.zero.Init, which fails on meta tensors.
-    check_lora_fits(cfg, mc)  # target modules and rank against the model, before its weights
-    accelerator = make_accelerator(cfg, ds_config)
-    main_proc = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
+    resolved = resolve(cfg, in_job_layout(cfg), in_job=True)
+    accelerator = make_accelerator(cfg, resolved.deepspeed)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
-    world = accelerator.num_processes
     out_dir = Path(cfg.output.dir)
-    stage = ds_config["zero_optimization"]["stage"] if ds_config else None
-    # What auto means here (attention, loss) and whether each switch can work, before any weights.
-    fast = resolve_fast_paths(cfg, stage, mc)
-    identity = ckpt.run_identity(cfg, world, stage)
+    identity = ckpt.run_identity(cfg, resolved.world_size, resolved.zero_stage)
+    finished = already_completed(cfg, out_dir, identity, accelerator.is_main_process)
+    if finished is not None:
+        return finished
+    resume_from = find_resume(cfg, out_dir, accelerator.is_main_process)
+    data = load_training_data(cfg, accelerator, resolved)
+    resolved = resolved.with_data(total_steps(cfg, len(data.train), resolved.world_size))
+    resume_step = check_data(cfg, resolved, data, identity, resume_from,
+                             accelerator.is_main_process)
+    rundir = start_run(cfg, resolved, data, accelerator, identity, resume_from, resume_step)
+    metrics = MetricsWriter(None)
+    try:
+        training, serving, state = build_training(cfg, resolved, data, accelerator, identity,
+                                                  resume_from)
+        preemption.track(state)
+        metrics = open_metrics(cfg, out_dir, accelerator.is_main_process)
+        evaluator = Evaluator(cfg, training, data, metrics, rundir, serving)
+        hooks = RunHooks(cfg, training, preemption, evaluator, rundir, identity,
+                         resolved.total_steps)
+        batches = step_batches(cfg, resolved, data, accelerator.process_index, out_dir)
+        state = rundir.guard("training", train_loop, training, batches, cfg, metrics, state,
+                             hooks)
+        preemption.immediate = False  # from here on a signal waits for the saves below
+        if state.step < resolved.total_steps:
+            return save_preempted(cfg, training, rundir, identity, state, preemption)
+        return save_completed(cfg, training, data, rundir, identity, state, evaluator, serving,
+                              started)
+    finally:
+        metrics.close()
+        accelerator.end_training()
 
-    # 1. Is there anything to do, and from where?
+
+# --------------------------------------------------------------------------- decide and resume
+
+
+def already_completed(cfg: Config, out_dir: Path, identity: dict, main_proc: bool) -> dict | None:
+    """The summary of this very run when it already completed in `out_dir` (nothing to do); a
+    ConfigError when another run completed there; None otherwise."""
     finished = outputs.finished_run(out_dir)
-    if finished and not cfg.output.overwrite:
-        if finished.get("identity", {}).get("config_hash") != identity["config_hash"] \
-                or cfg.checkpoint.resume == "never":
-            outputs.refuse_finished(out_dir)
-        if main_proc:
-            print(f"run in {out_dir} already completed; nothing to do", flush=True)
-        summary = json.loads((out_dir / "summary.json").read_text())
-        return dict(summary, ended="already_completed")
+    if not finished or cfg.output.overwrite:
+        return None
+    if finished.get("identity", {}).get("config_hash") != identity["config_hash"] \
+            or cfg.checkpoint.resume == "never":
+        outputs.refuse_finished(out_dir)
+    if main_proc:
+        print(f"run in {out_dir} already completed; nothing to do", flush=True)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return dict(summary, ended="already_completed")
+
+
+def find_resume(cfg: Config, out_dir: Path, main_proc: bool) -> Path | None:
     if main_proc:
         outputs.check_writable(out_dir)
-    resume_from = None if cfg.output.overwrite else ckpt.find_resume_checkpoint(cfg, out_dir)
+    return None if cfg.output.overwrite else ckpt.find_resume_checkpoint(cfg, out_dir)
 
-    # 2. Data, validated before anything is written.
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    tokenizer: Any
+    train: Any  # datasets.Dataset
+    eval: Any | None
+    stats: Any  # sft_scale.data.DataStats
+    task: Task
+    problem: str | None  # classification: binary, single_label or multi_label
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.stats.labels
+
+
+def load_training_data(cfg: Config, accelerator, resolved: Resolved) -> TrainingData:
+    """Tokenizer, training and eval sets, and the task (loss, collation) they are trained with."""
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, data_stats = load_data(cfg, tokenizer, accelerator)
-    steps = total_steps(cfg, len(train_ds), world)
-    warmup_warning = check_warmup(cfg, steps)
-    if warmup_warning and accelerator.is_main_process:
-        log.warning("WARNING: %s", warmup_warning)
-    _check_micro_batch(cfg, len(train_ds))
-    identity["data_fingerprint"] = ckpt.data_fingerprint(train_ds)
-    resume_step = ckpt.check_resume(resume_from, identity, steps,
-                                    cfg.checkpoint.allow_data_change,
-                                    cfg.checkpoint.resume_world_size_change)["step"] \
-        if resume_from else None
-    labels = data_stats.labels
+    train_ds, eval_ds, stats = load_data(cfg, tokenizer, accelerator)
     if cfg.task == "classification":
         multi = isinstance(train_ds[0]["label"], list)
-        problem = "multi_label" if multi else ("binary" if len(labels) == 2 else "single_label")
-        task = classification(len(labels), problem)
+        problem = "multi_label" if multi else ("binary" if len(stats.labels) == 2
+                                               else "single_label")
+        task = classification(len(stats.labels), problem)
     else:
-        problem, task = None, causal_lm(cfg.data.packing, fast["loss"])
-    resolved = {"task": cfg.task, "problem": problem, "world_size": world,
-                "global_batch_size": cfg.global_batch_size(world),
-                "micro_batch_size": cfg.training.micro_batch_size,
-                "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-                "total_steps": steps, "data": data_stats.as_dict(),
-                "distributed_type": accelerator.distributed_type.value, "zero_stage": stage,
-                "fast_paths": fast}
-    if main_proc:  # the first write: everything above only read and checked
+        problem, task = None, causal_lm(resolved.fast.packing, resolved.fast.loss)
+    return TrainingData(tokenizer, train_ds, eval_ds, stats, task, problem)
+
+
+def check_data(cfg: Config, resolved: Resolved, data: TrainingData, identity: dict,
+               resume_from: Path | None, main_proc: bool) -> int | None:
+    """Checks that need the data, before anything is written; returns the step to resume at.
+    Adds the data's fingerprint to `identity` (what a resume must match)."""
+    warmup_warning = check_warmup(cfg, resolved.total_steps)
+    if warmup_warning and main_proc:
+        log.warning("WARNING: %s", warmup_warning)
+    _check_micro_batch(cfg, len(data.train))
+    identity["data_fingerprint"] = ckpt.data_fingerprint(data.train)
+    if resume_from is None:
+        return None
+    return ckpt.check_resume(resume_from, identity, resolved.total_steps,
+                             cfg.checkpoint.allow_data_change,
+                             cfg.checkpoint.resume_world_size_change)["step"]
+
+
+def run_record(cfg: Config, resolved: Resolved, data: TrainingData, accelerator) -> dict:
+    """What was resolved, as printed at start and saved in config.resolved.yaml, the manifest
+    and summary.json."""
+    return {"task": cfg.task, "problem": data.problem, "world_size": resolved.world_size,
+            "global_batch_size": resolved.global_batch_size,
+            "micro_batch_size": cfg.training.micro_batch_size,
+            "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+            "total_steps": resolved.total_steps, "data": data.stats.as_dict(),
+            "distributed_type": accelerator.distributed_type.value,
+            "zero_stage": resolved.zero_stage, "fast_paths": resolved.fast.as_dict()}
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+@dataclass
+class RunDirectory:
+    """The output dir of this attempt: its manifest record, and `guard` for every write."""
+
+    out_dir: Path
+    attempt: dict
+    main_proc: bool
+    record: dict
+
+    def guard(self, what: str, fn, *args, **kwargs):
+        return self._guard(what, fn, *args, **kwargs)
+
+    def __post_init__(self):
+        self._guard = _write_guard(outputs, self.out_dir, self.attempt, self.main_proc)
+
+    def finish(self, status: str, ended: str) -> None:
+        if self.main_proc:
+            self.attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended=ended)
+            _finish_attempt(outputs, self.out_dir, self.attempt, status)
+
+
+def start_run(cfg: Config, resolved: Resolved, data: TrainingData, accelerator, identity: dict,
+              resume_from: Path | None, resume_step: int | None) -> RunDirectory:
+    """The first write: everything before only read and checked. Takes the run lock, writes the
+    resolved config and the manifest with this attempt."""
+    out_dir, main_proc = Path(cfg.output.dir), accelerator.is_main_process
+    record = run_record(cfg, resolved, data, accelerator)
+    if main_proc:
         outputs.acquire_run_lock(out_dir)
         if cfg.output.overwrite:
             shutil.rmtree(ckpt.checkpoint_root(out_dir), ignore_errors=True)
     accelerator.wait_for_everyone()
     if main_proc:
         log.info(describe(accelerator))
-        print("resolved config:\n" + dump_yaml(cfg, resolved), flush=True)
+        print("resolved config:\n" + dump_yaml(cfg, record), flush=True)
         log.info("global batch = %d micro x %d accumulation x %d processes = %d examples/step",
-                 cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps, world,
-                 resolved["global_batch_size"])
-        outputs.start_run_dir(out_dir, cfg, resolved, ds_config, resume_step)
+                 cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps,
+                 resolved.world_size, resolved.global_batch_size)
+        outputs.start_run_dir(out_dir, cfg, record, resolved.deepspeed, resume_step)
     accelerator.wait_for_everyone()
     attempt = attempt_record(accelerator, str(resume_from) if resume_from else None)
-    guard = _write_guard(outputs, out_dir, attempt, main_proc)
     if main_proc:
         prior = outputs.read_manifest(out_dir) or {}
         outputs.update_manifest(
             out_dir, status="running", identity=identity, config=cfg.to_dict(),
-            resolved=resolved, deepspeed_config=ds_config, packages=package_versions(),
+            resolved=record, deepspeed_config=resolved.deepspeed, packages=package_versions(),
             git_commit=git_commit(), attempts=prior.get("attempts", []) + [attempt])
+    return RunDirectory(out_dir, attempt, main_proc, record)
 
-    # 3. Model, optimizer, schedule; then the checkpoint's state over them.
+
+def open_metrics(cfg: Config, out_dir: Path, main_proc: bool) -> MetricsWriter:
+    return MetricsWriter(
+        out_dir / "metrics.jsonl" if main_proc else None,
+        out_dir / "tensorboard" if main_proc and cfg.logging.tensorboard else None,
+        cfg.to_dict() if main_proc and cfg.logging.wandb else None)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_training(cfg: Config, resolved: Resolved, data: TrainingData, accelerator,
+                   identity: dict, resume_from: Path | None):
+    """(Training, Serving, LoopState): the model, optimizer and schedule prepared by the
+    accelerator, with the checkpoint's state over them when resuming."""
     set_seed(cfg.training.seed)
-    model = load_model(cfg, accelerator.local_process_index, labels, problem,
-                       tokenizer.pad_token_id, zero_stage=stage)
-    serving = for_training(tokenizer, resolve_model_path(cfg.model.tokenizer
-                                                         or cfg.model.name_or_path),
-                           resolve_template(tokenizer, cfg.data.chat_template)
-                           if data_stats.chat else None, data_stats.bos)
+    model = load_model(cfg, resolved, accelerator.local_process_index, data.labels, data.problem,
+                       data.tokenizer.pad_token_id)
+    template = resolve_template(data.tokenizer, cfg.data.chat_template) \
+        if data.stats.chat else None
+    serving = for_training(data.tokenizer,
+                           resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path),
+                           template, data.stats.bos)
     if cfg.training.torch_compile:
         compile_model(model)  # in place, before prepare: see compile_model
     trainable, total = count_parameters(model)
-    if main_proc:
+    if accelerator.is_main_process:
         log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
                  100 * trainable / max(total, 1))
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps)
+    scheduler = build_scheduler(optimizer, cfg, resolved.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt.keep_trainable_only(accelerator, model)
     state = LoopState()
     if resume_from is not None:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler, state, identity,
                              cfg.checkpoint.resume_world_size_change)
-    preemption.track(state)
+    training = Training(accelerator, model, optimizer, scheduler, trainable, total)
+    return training, serving, state
 
-    # 4. The loop; checkpoints on schedule and on preemption.
-    grouped = fast["group_by_length"]
-    sampler = GlobalBatchSampler(len(train_ds), cfg.training.micro_batch_size,
-                                 cfg.training.gradient_accumulation_steps, world,
-                                 accelerator.process_index, cfg.training.seed,
-                                 lengths=list(train_ds["length"]) if grouped else None)
-    trace = outputs.sample_tracer(out_dir, accelerator.process_index, train_ds) \
-        if cfg.output.trace_samples else None
-    metrics = MetricsWriter(
-        out_dir / "metrics.jsonl" if main_proc else None,
-        out_dir / "tensorboard" if main_proc and cfg.logging.tensorboard else None,
-        cfg.to_dict() if main_proc and cfg.logging.wandb else None)
-    every = cfg.checkpoint.every_steps
 
-    def run_eval(st) -> dict | None:
-        if eval_ds is None:
+def step_batches(cfg: Config, resolved: Resolved, data: TrainingData, rank: int,
+                 out_dir: Path) -> Batches:
+    """What each step trains on: the sampler (a pure function of the step), the task's
+    collation, and the sample trace (output.trace_samples)."""
+    grouped = resolved.fast.group_by_length
+    sampler = GlobalBatchSampler(len(data.train), cfg.training.micro_batch_size,
+                                 cfg.training.gradient_accumulation_steps, resolved.world_size,
+                                 rank, cfg.training.seed,
+                                 lengths=list(data.train["length"]) if grouped else None)
+    trace = outputs.sample_tracer(out_dir, rank, data.train) if cfg.output.trace_samples \
+        else None
+    return Batches(data.train, sampler, data.task, data.tokenizer.pad_token_id,
+                   resolved.total_steps, trace)
+
+
+# --------------------------------------------------------------------------- the loop's hooks
+
+
+class Evaluator:
+    """Evaluation on the held-out split; keeps the best adapter by eval.metric."""
+
+    def __init__(self, cfg: Config, training: Training, data: TrainingData,
+                 metrics: MetricsWriter, run: RunDirectory, serving):
+        self.cfg, self.training, self.data = cfg, training, data
+        self.metrics, self.run, self.serving = metrics, run, serving
+
+    def __call__(self, state: LoopState) -> dict | None:
+        if self.data.eval is None:
             return None
-        res = evaluate(accelerator, model, eval_ds, task, cfg.eval.micro_batch_size,
-                       tokenizer.pad_token_id, len(labels or []), problem or "")
-        metrics.write({"step": st.step, **res})
-        if main_proc:
-            log.info("eval at step %d: %s", st.step, json.dumps(res))
+        t, cfg = self.training, self.cfg
+        res = evaluate(t.accelerator, t.model, self.data.eval, self.data.task,
+                       cfg.eval.micro_batch_size, self.data.tokenizer.pad_token_id,
+                       len(self.data.labels or []), self.data.problem or "")
+        self.metrics.write({"step": state.step, **res})
+        if t.accelerator.is_main_process:
+            log.info("eval at step %d: %s", state.step, json.dumps(res))
         value = res[cfg.eval.metric]
-        if improved(cfg.eval.metric, value, st.best):
-            st.best = {"step": st.step, "metric": cfg.eval.metric, "value": value}
-            guard("best adapter", outputs.save_model, accelerator, model, serving, cfg, out_dir,
-                  name="best_adapter")
+        if improved(cfg.eval.metric, value, state.best):
+            state.best = {"step": state.step, "metric": cfg.eval.metric, "value": value}
+            self.run.guard("best adapter", outputs.save_model, t.accelerator, t.model,
+                           self.serving, cfg, self.run.out_dir, name="best_adapter")
         return res
-    debug_sleep = float(os.environ.get("SFT_SCALE_DEBUG_STEP_SLEEP", "0"))  # tests: slow steps
 
-    def on_step_end(st) -> bool:
-        if debug_sleep:
-            time.sleep(debug_sleep)
-        if preemption.requested(accelerator):
+
+class RunHooks(StepHooks):
+    """After each step: stop when preempted, evaluate and checkpoint on schedule."""
+
+    def __init__(self, cfg: Config, training: Training, preemption: Preemption,
+                 evaluate_fn: Evaluator, run: RunDirectory, identity: dict, steps: int):
+        self.cfg, self.training, self.preemption = cfg, training, preemption
+        self.evaluate, self.run, self.identity, self.steps = evaluate_fn, run, identity, steps
+
+    def after_step(self, state: LoopState) -> bool:
+        if self.preemption.requested(self.training.accelerator):
             return True
-        if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < steps:
-            run_eval(st)
-        if every and st.step % every == 0 and st.step < steps:
-            guard("checkpoint", ckpt.save_checkpoint, accelerator, scheduler, st, identity,
-                  out_dir, cfg.checkpoint.keep_last)
+        every_eval, every_ckpt = self.cfg.eval.every_steps, self.cfg.checkpoint.every_steps
+        if every_eval and state.step % every_eval == 0 and state.step < self.steps:
+            self.evaluate(state)
+        if every_ckpt and state.step % every_ckpt == 0 and state.step < self.steps:
+            save_checkpoint(self.cfg, self.training, self.run, self.identity, state)
         return False
 
-    state = guard("training", train_loop, accelerator, model, optimizer, scheduler, train_ds,
-                  sampler, cfg, steps, metrics, tokenizer.pad_token_id, task, state=state,
-                  trace=trace, on_step_end=on_step_end)
-    preemption.immediate = False  # from here on a signal waits for the saves below
-    preempted = state.step < steps
-    final_eval = None if preempted else run_eval(state)
-    guard("checkpoint", ckpt.save_checkpoint, accelerator, scheduler, state, identity, out_dir,
-          cfg.checkpoint.keep_last, reason="preempted" if preempted else "final")
-    if preempted:
-        if main_proc:
-            attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           ended=f"preempted at step {state.step} "
-                                 f"({', '.join(preemption.received) or 'signal on another rank'})")
-            _finish_attempt(outputs, out_dir, attempt, "preempted")
-            print(f"preempted: checkpoint at step {state.step} written; rerun the same command "
-                  "to resume", flush=True)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return {"ended": "preempted", "steps": state.step}
 
-    # 5. Save: adapter (or full model), tokenizer, probe logits, summary.
+def save_checkpoint(cfg: Config, training: Training, run: RunDirectory, identity: dict,
+                    state: LoopState, reason: str | None = None) -> None:
+    kwargs = {"reason": reason} if reason else {}
+    run.guard("checkpoint", ckpt.save_checkpoint, training.accelerator, training.scheduler,
+              state, identity, run.out_dir, cfg.checkpoint.keep_last, **kwargs)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_preempted(cfg: Config, training: Training, run: RunDirectory, identity: dict,
+                   state: LoopState, preemption: Preemption) -> dict:
+    save_checkpoint(cfg, training, run, identity, state, reason="preempted")
+    run.finish("preempted", f"preempted at step {state.step} "
+                            f"({', '.join(preemption.received) or 'signal on another rank'})")
+    if run.main_proc:
+        print(f"preempted: checkpoint at step {state.step} written; rerun the same command "
+              "to resume", flush=True)
+    training.accelerator.wait_for_everyone()
+    return {"ended": "preempted", "steps": state.step}
+
+
+def save_completed(cfg: Config, training: Training, data: TrainingData, run: RunDirectory,
+                   identity: dict, state: LoopState, evaluator: Evaluator, serving,
+                   started: float) -> dict:
+    """Final eval and checkpoint; adapter (or full model), tokenizer, probe logits, summary."""
+    final_eval = evaluator(state)
+    save_checkpoint(cfg, training, run, identity, state, reason="final")
+    accelerator, out_dir = training.accelerator, run.out_dir
     accelerator.wait_for_everyone()
-    guard("final adapter" if cfg.lora.enabled else "final model", outputs.save_model,
-          accelerator, model, serving, cfg, out_dir)
-    guard("probe logits", outputs.save_probe, accelerator, model, train_ds,
-          tokenizer.pad_token_id, out_dir)
+    run.guard("final adapter" if cfg.lora.enabled else "final model", outputs.save_model,
+              accelerator, training.model, serving, cfg, out_dir)
+    run.guard("probe logits", outputs.save_probe, accelerator, training.model, data.train,
+              data.tokenizer.pad_token_id, out_dir)
     elapsed = time.time() - started
     summary = {"ended": "completed", "steps": state.step,
                "first_loss": state.losses[0] if state.losses else None,
@@ -253,29 +400,27 @@ def run(cfg: Config) -> dict:
                "tokens_seen": state.tokens_seen, "seconds": round(elapsed, 2),
                "padding_efficiency": state.tokens_seen / max(state.slots_seen, 1),
                "tokens_per_s": state.tokens_seen / max(elapsed, 1e-9),
-               "trainable_parameters": trainable, "total_parameters": total,
-               "resumed_from": str(resume_from) if resume_from else None,
-               "eval": final_eval, "best": state.best, **resolved}
-    metrics.close()
-    if main_proc:
+               "trainable_parameters": training.trainable_parameters,
+               "total_parameters": training.total_parameters,
+               "resumed_from": run.attempt.get("resumed_from"),
+               "eval": final_eval, "best": state.best, **run.record}
+    if run.main_proc:
         if cfg.logging.plot:
             plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        guard("summary", outputs.finish_run_dir, out_dir, summary)
-        attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended="completed")
-        _finish_attempt(outputs, out_dir, attempt, "completed")
+        run.guard("summary", outputs.finish_run_dir, out_dir, summary)
+        run.finish("completed", "completed")
         print("summary: " + json.dumps(summary), flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def load_data(cfg: Config, tokenizer, accelerator):
     """(train, eval or None, stats): the prepared data (`sft-scale data prepare`) when there is
     some, loaded by every rank with no tokenization; else tokenized here, rank 0 first while
     the others wait, then from its datasets cache."""
-    from sft_scale.data import build_datasets
-    from sft_scale.data.prepared import find_prepared, load_prepared
-
     path = find_prepared(cfg)
     if path is None:
         with accelerator.main_process_first():
@@ -301,10 +446,6 @@ def _write_guard(outputs, out_dir: Path, attempt: dict, main_proc: bool):
     """`guard(what, fn, *args)` runs a step that writes; when it fails (full disk, read-only
     folder, a checkpoint write, a diverged loss) the manifest records how the attempt ended and
     the failure leaves as one line with its exit code (3 for writes)."""
-    from safetensors import SafetensorError
-
-    from sft_scale import checkpoint as ckpt
-
     def record(error: SftScaleError) -> None:
         if not main_proc:
             return

@@ -32,13 +32,14 @@ def _piece(tokenizer, ids: list[int], trained: bool) -> str:
     return f"{OPEN}{text}{CLOSE}" if trained else text
 
 
-def padding_efficiency(cfg: Config, dataset, world_size: int = 1, max_steps: int = 200) -> float:
+def padding_efficiency(cfg: Config, dataset, packing: bool, world_size: int = 1,
+                       max_steps: int = 200) -> float:
     """Real tokens / computed slots over the batches training would build (rank 0's view)."""
-    grouped = cfg.data.group_by_length and not cfg.data.packing
+    grouped = cfg.data.group_by_length and not packing
     sampler = GlobalBatchSampler(len(dataset), cfg.training.micro_batch_size,
                                  cfg.training.gradient_accumulation_steps, world_size, 0,
                                  cfg.training.seed, list(dataset["length"]) if grouped else None)
-    fn = collate_packed if cfg.data.packing else collate
+    fn = collate_packed if packing else collate
     steps = min(max_steps, max(1, len(dataset) // sampler.global_batch))
     real = slots = 0
     for step in range(steps):
@@ -49,10 +50,11 @@ def padding_efficiency(cfg: Config, dataset, world_size: int = 1, max_steps: int
 
 
 def preview(cfg: Config, n: int = 3) -> dict:
-    from sft_scale.fastpaths import model_config, resolve_fast_paths
+    from sft_scale.launch import Layout
     from sft_scale.model import load_tokenizer
+    from sft_scale.resolve import resolve
 
-    resolve_fast_paths(cfg, None, model_config(cfg))  # settles data.packing: auto
+    packing = resolve(cfg, Layout.for_config(cfg)).fast.packing  # what data.packing: auto means
     tokenizer = load_tokenizer(cfg)
     train, _eval, stats = build_datasets(cfg, tokenizer)
     for i in range(min(n, len(train))):
@@ -61,7 +63,7 @@ def preview(cfg: Config, n: int = 3) -> dict:
               f"trained{', truncated' if row['truncated'] else ''}) ---")
         print(mark_trained(tokenizer, row["input_ids"], row["labels"]))
     result = stats.as_dict()
-    result["padding_efficiency"] = round(padding_efficiency(cfg, train), 4)
+    result["padding_efficiency"] = round(padding_efficiency(cfg, train, packing), 4)
     print("--- statistics (trained tokens are marked " + OPEN + "like this" + CLOSE + ") ---")
     for k, v in result.items():
         print(f"{k:>22}: {v}")

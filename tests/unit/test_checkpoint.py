@@ -1,5 +1,6 @@
 """Checkpoint writing under failure, in-process with a real (single-process) Accelerator."""
 
+import dataclasses
 import errno
 
 import pytest
@@ -9,6 +10,7 @@ from sft_scale.config import load_config
 from sft_scale.distributed import make_accelerator
 from sft_scale.loop import LoopState, build_optimizer, build_scheduler
 from sft_scale.model import load_model
+from sft_scale.resolve import in_job_layout, resolve
 from tests.conftest import DEMO_CONFIG
 
 
@@ -16,7 +18,7 @@ from tests.conftest import DEMO_CONFIG
 def setup():
     cfg = load_config(DEMO_CONFIG)
     acc = make_accelerator(cfg)
-    model = load_model(cfg)
+    model = load_model(cfg, resolve(cfg, in_job_layout(cfg)))
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, 10)
     model, opt = acc.prepare(model, opt)
@@ -52,7 +54,7 @@ def test_a_failing_writer_leaves_the_previous_checkpoint_intact(setup, tmp_path,
     monkeypatch.undo()
 
     # and it still loads
-    cfg.checkpoint.resume = "auto"
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
     found = ckpt.find_resume_checkpoint(cfg, tmp_path)
     assert found == first
     fresh = LoopState()

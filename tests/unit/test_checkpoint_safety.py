@@ -1,6 +1,7 @@
 """Checkpoint files are never unpickled beyond tensors and plain data; damaged or tampered
 checkpoints end in one clear line; a resume with a changed config is applied exactly or refused."""
 
+import dataclasses
 import json
 import os
 
@@ -71,7 +72,8 @@ def test_auto_resume_falls_back_past_a_tampered_checkpoint_and_explicit_resume_r
     write_complete(bad, 4)
     cfg = load_config(DEMO_CONFIG)
     assert ckpt.find_resume_checkpoint(cfg, tmp_path) == good
-    cfg.checkpoint.resume = str(bad)
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                                  resume=str(bad)))
     with pytest.raises(CheckpointError, match="cannot resume from it: optimizer.bin references"):
         ckpt.find_resume_checkpoint(cfg, tmp_path)
     assert not marker.exists()

@@ -1,6 +1,7 @@
 """Real chat dataset shapes: tool definitions, tool calls and results (OpenAI and LLaMA-Factory),
 content parts, loss_weight, and the silently-wrong cases of labels, truncation, duplicates."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ from sft_scale.config import ConfigError, load_config
 from sft_scale.data import DataError, build_datasets, encode_example
 from sft_scale.data.formats import to_example
 from sft_scale.data.tokenize import IGNORE_INDEX
-from sft_scale.fastpaths import resolve_fast_paths
+from sft_scale.resolve import resolve_fast_paths
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 # A Llama-3.1-style tool template written here (not the code under test): calls as JSON with
@@ -220,5 +221,5 @@ def test_max_seq_len_beyond_model_positions_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"'data.max_seq_len' is 512 but the model has 256 "
                                           r"positions \(max_position_embeddings\)"):
         resolve_fast_paths(cfg, None, LlamaConfig(max_position_embeddings=256))
-    cfg.data.max_seq_len = 256
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=256))
     resolve_fast_paths(cfg, None, LlamaConfig(max_position_embeddings=256))

@@ -1,5 +1,6 @@
 """DeepSpeed config resolution, compatibility checks and launch-line composition (no processes)."""
 
+import dataclasses
 import json
 import logging
 
@@ -9,7 +10,8 @@ from sft_scale.cli import main as cli_main
 from sft_scale.config import ConfigError, load_config
 from sft_scale.deepspeed_config import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
 from sft_scale.launch import Layout, launch_command
-from sft_scale.preflight import check_compatibility, resolve_deepspeed
+from sft_scale.preflight import check_compatibility
+from sft_scale.resolve import resolve
 from tests.conftest import DEMO_CONFIG
 
 
@@ -35,7 +37,7 @@ def test_every_shipped_config_resolves_completely(cfg, name):
 
 
 def test_bf16_dtype_fills_bf16(cfg):
-    cfg.model.dtype = "bf16"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bf16"))
     ds = resolve_ds_config(load_ds_config(str(DS_CONFIG_DIR / "zero2.json")), cfg, 2, 64)
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
 
@@ -52,7 +54,7 @@ def test_user_json_contradicting_the_config_is_refused(cfg, tmp_path):
 
 
 def test_fp16_and_bf16_together_are_refused(cfg, tmp_path):
-    cfg.model.dtype = "fp16"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="fp16"))
     with pytest.raises(ConfigError, match="bf16.enabled=True contradicts model.dtype=fp16"):
         resolve_ds_config({"bf16": {"enabled": True}, "fp16": {"enabled": "auto"}}, cfg, 1, 64)
 
@@ -73,13 +75,15 @@ def test_bad_json_names_line(tmp_path):
         load_ds_config(str(p))
 
 
-def test_8bit_with_zero3_is_refused_before_loading(cfg):
-    cfg.quantization.load_in_8bit = True
-    cfg.distributed.zero = 3
+def test_8bit_with_zero3_is_refused_before_loading():
+    def deepspeed(zero):
+        cfg = load_config(DEMO_CONFIG, ["quantization.load_in_8bit=true",
+                                        f"distributed.zero={zero}"])
+        return resolve(cfg, Layout.for_config(cfg, nproc_per_node=2)).deepspeed
+
     with pytest.raises(ConfigError, match="8-bit .* cannot be partitioned by ZeRO-3. Use ZeRO-2"):
-        resolve_deepspeed(cfg, world_size=2)
-    cfg.distributed.zero = 2
-    assert resolve_deepspeed(cfg, world_size=2)["zero_optimization"]["stage"] == 2
+        deepspeed(3)
+    assert deepspeed(2)["zero_optimization"]["stage"] == 2
 
 
 def test_offload_without_deepspeed_and_quantized_full_finetune_are_refused(tmp_path):

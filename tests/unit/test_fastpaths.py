@@ -14,8 +14,8 @@ from sft_scale.config import Config, ConfigError, DatasetSource
 from sft_scale.data import GlobalBatchSampler, collate, collate_packed
 from sft_scale.data.loader import step_loader
 from sft_scale.data.tokenize import IGNORE_INDEX
-from sft_scale.fastpaths import resolve_fast_paths
 from sft_scale.loss import causal_lm_parts, plain_linear, resolve_loss
+from sft_scale.resolve import resolve_fast_paths
 from sft_scale.tasks import causal_lm
 
 
@@ -196,9 +196,9 @@ def test_auto_resolution_on_this_machine(monkeypatch):
     fast = resolve_fast_paths(cfg)
     assert cfg.model.attn_implementation == "auto" and cfg.training.loss == "auto"
     if not torch.cuda.is_available():
-        assert fast["attn_implementation"] == "sdpa"
-        assert fast["loss"] == "chunked" and fast["pin_memory"] is False
-    assert resolve_fast_paths(cfg_with(data={"packing": True}))["attention_kernel"] == \
+        assert fast.as_dict()["attn_implementation"] == "sdpa"
+        assert fast.as_dict()["loss"] == "chunked" and fast.as_dict()["pin_memory"] is False
+    assert resolve_fast_paths(cfg_with(data={"packing": True})).as_dict()["attention_kernel"] == \
         "sdpa per packed example"
     # auto picks flash-attention only with the package, CUDA and half precision
     monkeypatch.setattr(A, "flash_attn_installed", lambda: True)
@@ -223,19 +223,20 @@ def test_packing_auto_is_on_only_where_examples_stay_apart_and_attention_is_per_
     cfg = cfg_with()
     assert cfg.data.packing == "auto"
     fast = resolve_fast_paths(cfg, None, llama)
-    # settled in the config itself: the sampler, collation and attention all read it
-    assert fast["packing"] is True and cfg.data.packing is True
-    assert fast["attention_kernel"] == "sdpa per packed example"
+    # settled on the resolved record, which the sampler, collation and attention all read; the
+    # config keeps what its user wrote
+    assert fast.packing is True and cfg.data.packing == "auto"
+    assert fast.as_dict()["attention_kernel"] == "sdpa per packed example"
     assert resolve_fast_paths(cfg_with(model={"attn_implementation": "eager"}), None,
-                              llama)["packing"] is False  # eager would score the whole row
-    assert resolve_fast_paths(cfg_with(), None, bloom)["packing"] is False
-    assert resolve_fast_paths(cfg_with(), None, None)["packing"] is False  # unknown model
-    assert resolve_fast_paths(cfg_with(task="classification"), None, llama)["packing"] is False
-    assert resolve_fast_paths(cfg_with(data={"packing": False}), None, llama)["packing"] is False
+                              llama).packing is False  # eager would score the whole row
+    assert resolve_fast_paths(cfg_with(), None, bloom).packing is False
+    assert resolve_fast_paths(cfg_with(), None, None).packing is False  # unknown model
+    assert resolve_fast_paths(cfg_with(task="classification"), None, llama).packing is False
+    assert resolve_fast_paths(cfg_with(data={"packing": False}), None, llama).packing is False
     # explicit true is kept for eager, and refused where examples would attend to each other
     assert resolve_fast_paths(cfg_with(data={"packing": True},
                                        model={"attn_implementation": "eager"}), None,
-                              llama)["packing"] is True
+                              llama).packing is True
     with pytest.raises(ConfigError, match="data.packing: true.*'bloom'.*data.packing: false"):
         resolve_fast_paths(cfg_with(data={"packing": True}), None, bloom)
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sft_scale.config import load_config
 from sft_scale.merge import merge
 from sft_scale.model import load_model, load_tokenizer
+from sft_scale.resolve import in_job_layout, resolve
 
 TEXT = "hello <calc> 2+2 <|act|> done"
 
@@ -25,7 +26,7 @@ def test_added_tokens_train_only_their_rows_and_reload_with_plain_peft(tmp_path)
     tok = load_tokenizer(cfg)
     new = tok.convert_tokens_to_ids(["<calc>", "<|act|>"])
     assert new == [len(tok) - 2, len(tok) - 1]
-    model = load_model(cfg)
+    model = load_model(cfg, resolve(cfg, in_job_layout(cfg)))
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     # only LoRA and the new rows of embedding and (untied) LM head train
     extra = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)

@@ -35,11 +35,11 @@ def test_when_cpu_adam_cannot_be_built_training_falls_back_and_says_why(tmp_path
         pytest.skip("this DeepSpeed ships a prebuilt cpu_adam op: nothing to build")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX="/nonexistent/c++",
                PYTHONPATH=str(ROOT), RANK="0")
-    code = ("from sft_scale.config import load_config; from sft_scale.preflight import "
-            "resolve_deepspeed; import sys; "
+    code = ("from sft_scale.config import load_config; from sft_scale.resolve import "
+            "resolve, in_job_layout; "
             f"cfg = load_config({str(DEMO_CONFIG)!r}, ['distributed.zero=2', "
             "'distributed.offload=true']); "
-            "ds = resolve_deepspeed(cfg, world_size=1, in_job=True); "
+            "ds = resolve(cfg, in_job_layout(cfg), in_job=True).deepspeed; "
             "print('force', ds['zero_force_ds_cpu_optimizer'])")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -10,8 +10,10 @@ import pytest
 
 from sft_scale.cli import main
 from sft_scale.config import ConfigError, load_config
+from sft_scale.launch import Layout
 from sft_scale.plan import GiB, estimate
-from sft_scale.preflight import resolve_auto_zero, resolve_deepspeed
+from sft_scale.preflight import choose_zero
+from sft_scale.resolve import in_job_layout, resolve
 from tests.conftest import DEMO_CONFIG, ROOT
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
@@ -64,30 +66,31 @@ def test_zero_auto_takes_the_plans_recommendation_for_the_given_memory():
     for memory, world in ((80 * GiB, 8), (40 * GiB, 8), (80 * GiB, 64)):
         cfg = load_config(DEMO_CONFIG, sets)
         rec = estimate(cfg, world, memory)["recommendation"]
-        resolve_auto_zero(cfg, world, memory)
-        assert (cfg.distributed.zero, cfg.distributed.offload) == (rec["stage"], rec["offload"])
+        stage, offload, _why = choose_zero(cfg, world, None, memory)
+        assert (stage, offload) == (rec["stage"], rec["offload"])
+        # decided on the resolved record; the config keeps what its user wrote
+        assert resolve(cfg, Layout.for_config(cfg, nproc_per_node=world),
+                       memory=memory).zero_stage == rec["stage"]
+        assert cfg.distributed.zero == "auto"
     # 40 GiB GPUs need at least as much partitioning as 80 GiB ones for the same job (both pick
     # ZeRO-2 here: among the stages with DDP's traffic, the one with the most headroom).
     small, big = load_config(DEMO_CONFIG, sets), load_config(DEMO_CONFIG, sets)
-    resolve_auto_zero(small, 8, 40 * GiB)
-    resolve_auto_zero(big, 8, 80 * GiB)
-    assert (small.distributed.zero, small.distributed.offload) >= \
-           (big.distributed.zero, big.distributed.offload)
+    assert choose_zero(small, 8, None, 40 * GiB)[:2] >= choose_zero(big, 8, None, 80 * GiB)[:2]
 
 
 def test_zero_auto_that_fits_nowhere_is_a_config_error_with_the_table():
     cfg = load_config(DEMO_CONFIG, [a for a in FULL_8B if a != "--set"] + ["distributed.zero=auto"])
     with pytest.raises(ConfigError, match=r"distributed.zero: auto: no ZeRO stage fits "
                                           r"micro-batch 2 in the --gpu-memory given") as e:
-        resolve_auto_zero(cfg, 1, 8 * GiB)
+        choose_zero(cfg, 1, None, 8 * GiB)
     assert "ZeRO-3+offload" in str(e.value)
 
 
 def test_zero_auto_on_this_cpu_resolves_to_a_real_deepspeed_config():
     """The demo model fits any machine's memory: the least-communication stage, ZeRO-0."""
     cfg = load_config(DEMO_CONFIG, ["distributed.zero=auto"])
-    ds = resolve_deepspeed(cfg, world_size=1)
-    assert cfg.distributed.zero == 0 and ds["zero_optimization"]["stage"] == 0
+    resolved = resolve(cfg, in_job_layout(cfg), in_job=True)
+    assert resolved.zero_stage == 0 and resolved.deepspeed["zero_optimization"]["stage"] == 0
 
 
 def test_zero_auto_with_offload_is_rejected_and_a_bad_value_names_the_choices():

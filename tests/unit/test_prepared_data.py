@@ -1,6 +1,7 @@
 """`sft-scale data prepare`: tokenized once, reused while the fingerprint matches, refused with
 the changed keys when it does not."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ def demo(tmp_path, *sets):
         shutil.copy(ROOT / "sft_scale" / "assets" / "demo_train.jsonl", tmp_path / "train.jsonl")
     sets = ("data.eval_files=[]", "data.eval_fraction=0.25") + sets
     cfg = load_config(DEMO_CONFIG, list(sets), str(tmp_path / "run"))
-    cfg.data.train_files = [str(tmp_path / "train.jsonl")]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, train_files=[str(tmp_path / "train.jsonl")]))
     return cfg
 
 

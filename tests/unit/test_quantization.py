@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from sft_scale.config import ConfigError, load_config
+from sft_scale.launch import Layout
 from sft_scale.model import bnb_config, quant_storage_dtype
-from sft_scale.preflight import check_compatibility, check_optimizer, resolve_deepspeed
+from sft_scale.preflight import check_compatibility, check_optimizer
+from sft_scale.resolve import resolve
 from tests.conftest import DEMO_CONFIG
 
 Q4 = "quantization.load_in_4bit=true"
@@ -43,17 +45,21 @@ def test_8bit_and_4bit_together_and_4bit_full_finetune_are_refused():
         load_config(DEMO_CONFIG, [Q4, "quantization.bnb_4bit_quant_type=int4"])
 
 
+def deepspeed_on_two(cfg):
+    return resolve(cfg, Layout.for_config(cfg, nproc_per_node=2)).deepspeed
+
+
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_4bit_is_accepted_under_every_zero_stage(zero):
     cfg = load_config(DEMO_CONFIG, [Q4, f"distributed.zero={zero}"])
-    assert resolve_deepspeed(cfg, world_size=2)["zero_optimization"]["stage"] == zero
+    assert deepspeed_on_two(cfg)["zero_optimization"]["stage"] == zero
 
 
 def test_4bit_zero3_with_byte_storage_is_refused_with_the_working_route():
     cfg = load_config(DEMO_CONFIG, [Q4, "distributed.zero=3",
                                     "quantization.bnb_4bit_quant_storage=uint8"])
     with pytest.raises(ConfigError, match="bnb_4bit_quant_storage: auto .* or use ZeRO-2"):
-        resolve_deepspeed(cfg, world_size=2)
+        deepspeed_on_two(cfg)
 
 
 def test_bitsandbytes_optimizer_with_offload_is_refused():
@@ -61,7 +67,7 @@ def test_bitsandbytes_optimizer_with_offload_is_refused():
                                     "distributed.offload=true"])
     with pytest.raises(ConfigError,
                        match="DeepSpeed's own CPU Adam.*Use training.optimizer: adamw"):
-        resolve_deepspeed(cfg, world_size=2)
+        deepspeed_on_two(cfg)
     check_compatibility(load_config(DEMO_CONFIG, ["training.optimizer=adamw_8bit"]),
                         {"zero_optimization": {"stage": 2}})
 

@@ -3,6 +3,7 @@ with stand-ins for `srun`/`scontrol` (no cluster) and for `accelerate launch` (a
 starts one worker process, which writes the run's manifest as train.py does and exits as it
 would). tests/e2e/test_slurm_e2e.py runs the same scripts on a real two-node SLURM."""
 
+import dataclasses
 import json
 import os
 import re
@@ -141,7 +142,7 @@ def test_signal_window_from_checkpoint_size_and_bandwidth(tmp_path):
     small, why = signal_window(cfg, SlurmOptions())
     assert small == 120 and "at least 120 s" in why  # a LoRA checkpoint of a tiny model
     # Full fine-tuning of the same model over a slow filesystem: the window grows with the size.
-    cfg.lora.enabled = False
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False))
     from sft_scale.slurm import checkpoint_bytes
 
     size = checkpoint_bytes(cfg)
