@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+from tests import slow_steps
 from tests.conftest import ROOT, adapter, ds_launch, losses, run_train
 
 pytestmark = pytest.mark.slow
@@ -86,7 +87,7 @@ def test_4bit_with_adamw_8bit_resumes_bit_exactly_after_a_kill(tmp_path):
     ref = tmp_path / "ref"
     run_train(ref, *sets)
     out = tmp_path / "killed"
-    env = dict(os.environ, SFT_SCALE_DEBUG_STEP_SLEEP="1")  # slow steps so the kill lands mid-run
+    env = slow_steps.env(1)  # slow steps so the kill lands mid-run
     proc = subprocess.Popen(command(out), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "checkpoints" / "step-00000002" / "COMPLETE"

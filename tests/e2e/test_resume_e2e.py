@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from tests import slow_steps
 from tests.conftest import (
     DEMO_CONFIG,
     ROOT,
@@ -42,7 +43,7 @@ def command(out, nproc=1, stage=None):
 
 
 def start(out, nproc=1, stage=None):
-    env = dict(os.environ, SFT_SCALE_DEBUG_STEP_SLEEP="0.4")  # slow steps so we can hit one
+    env = slow_steps.env(0.4)  # slow steps so we can hit one
     return subprocess.Popen(command(out, nproc, stage), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

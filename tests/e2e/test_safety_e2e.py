@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sft_scale import checkpoint as ckpt
+from tests import slow_steps
 from tests.conftest import DEMO_CONFIG, ROOT, TRAIN, run_train
 
 pytestmark = pytest.mark.slow
@@ -157,7 +158,7 @@ def test_a_signal_before_the_first_step_finished_exits_75_at_once(tmp_path):
     for s in SMALL:
         args += ["--set", s]
     # steps held for 120 s each, so that only an immediate exit passes the time limit below
-    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, SFT_SCALE_DEBUG_STEP_SLEEP="120"),
+    proc = subprocess.Popen(args, cwd=ROOT, env=slow_steps.env(120),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # data checked and records written; model and first step to come

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sft_scale.checkpoint import list_checkpoints, verify
 from sft_scale.slurm import SlurmOptions, render
+from tests import slow_steps
 from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl
 from tests.slurm_cluster import LocalSlurm, available
 
@@ -135,7 +136,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(cluste
                                                                           tmp_path):
     out = tmp_path / "pre"
     res = submit(cluster, out, "--nodes", "2", "--zero", "2", "--max-requeues", "2",
-                 env={"SFT_SCALE_DEBUG_STEP_SLEEP": "0.5"})  # slow steps, to signal mid-run
+                 env=slow_steps.env(0.5, cluster.env))  # slow steps, to signal mid-run
     assert res.returncode == 0, res.stderr[-3000:]
     jid = job_id(out)
     t0 = time.time()
@@ -178,7 +179,7 @@ def test_term_checkpoints_and_is_not_requeued_and_the_run_resumes(cluster, two_n
     ends cancelled, not requeued; the same command resumes it to the uninterrupted result."""
     out = tmp_path / "term"
     res = submit(cluster, out, "--nodes", "2", "--zero", "2",
-                 env={"SFT_SCALE_DEBUG_STEP_SLEEP": "0.5"})
+                 env=slow_steps.env(0.5, cluster.env))
     assert res.returncode == 0, res.stderr[-3000:]
     jid = job_id(out)
     t0 = time.time()
@@ -232,7 +233,7 @@ def test_bad_submissions_fail_clearly_and_leave_nothing(cluster, tmp_path):
 
 def test_status_logs_cancel(cluster, tmp_path):
     out = tmp_path / "conv"
-    res = submit(cluster, out, env={"SFT_SCALE_DEBUG_STEP_SLEEP": "1"})
+    res = submit(cluster, out, env=slow_steps.env(1, cluster.env))
     assert res.returncode == 0, res.stderr
     cli = [sys.executable, "-m", "sft_scale.cli", "slurm"]
     st = subprocess.run(cli + ["status", "--output-dir", str(out)], capture_output=True, text=True,
@@ -255,9 +256,8 @@ def test_term_to_every_process_of_the_node_script_still_checkpoints(tmp_path):
                SETS, str(out))
     node = tmp_path / "node.sh"
     node.write_text(r.node)
-    env = dict(os.environ, SFT_SCALE_PYTHON=sys.executable, SLURM_NODEID="0",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               SFT_SCALE_DEBUG_STEP_SLEEP="1")
+    env = dict(slow_steps.env(1), SFT_SCALE_PYTHON=sys.executable, SLURM_NODEID="0",
+               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
     p = subprocess.Popen(["bash", str(node)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
