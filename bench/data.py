@@ -49,7 +49,7 @@ def cache_root() -> Path:
 def builtin_tokenizer_dir() -> str:
     """The project's builtin tokenizer, built offline by sft_scale (once per cache)."""
     os.environ.setdefault("SFT_SCALE_HOME", str(cache_root() / "home"))
-    from sft_scale.builtin import resolve_model_path
+    from sft_scale.model_source import resolve_model_path
     return resolve_model_path("builtin:tiny-llama")
 
 

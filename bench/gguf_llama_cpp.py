@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # After the sys.path line above: run as a script, bench/ is on the path but the repo root is not.
-from sft_scale.gguf_export import LLAMA_CPP_PYTHON_VERSION, LlamaCpp, export_gguf  # noqa: E402
+from sft_scale.tools.gguf_export import LLAMA_CPP_PYTHON_VERSION, LlamaCpp, export_gguf  # noqa: E402
 
 
 def load_prompts(path: Path, n: int) -> list[str]:

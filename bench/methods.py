@@ -112,8 +112,8 @@ def _resolver():
     """sft_scale's own resolution of its speed switches on this machine (what `auto` becomes),
     or None when this sft_scale has none."""
     try:
-        from sft_scale.builtin import read_model_config
-        from sft_scale.resolve import resolve_fast_paths
+        from sft_scale.model_source import read_model_config
+        from sft_scale.preflight.resolve import resolve_fast_paths
     except Exception:  # noqa: BLE001 - older/newer sft_scale: every variant simply runs
         return None
     cache = {}

@@ -36,9 +36,9 @@ def worker(force: bool, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sft_scale.config import load_config
-    from sft_scale.deepspeed_config import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
-    from sft_scale.distributed import make_accelerator
-    from sft_scale.loop import build_optimizer
+    from sft_scale.preflight.deepspeed import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
+    from sft_scale.training.distributed import make_accelerator
+    from sft_scale.training.loop import build_optimizer
 
     cfg = load_config(ROOT / "examples" / "demo.yaml",
                       ["lora.enabled=false", f"training.micro_batch_size={MICRO}",

@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from sft_scale.config import load_config
-    from sft_scale.plan import GiB, estimate, measure_peak_cuda
+    from sft_scale.preflight.plan import GiB, estimate, measure_peak_cuda
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="plan_gpu.md")

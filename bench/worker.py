@@ -278,7 +278,7 @@ def run_sft(spec: Spec, opts: dict, work: Path) -> dict:
 
     # A cold datasets cache per rep, as a fresh process would have.
     datasets.config.HF_DATASETS_CACHE = Path(work / "hf_datasets")
-    from sft_scale import metrics as sft_metrics
+    from sft_scale.training import metrics as sft_metrics
 
     out = work / "out"
     argv = sft_argv(Path(spec.sft_config), out, opts.get("set", []))
@@ -340,8 +340,9 @@ PRELOAD = {
     "hf": ["torch", "transformers", "peft", "datasets"],
     "trl": ["torch", "transformers", "peft", "datasets", "trl"],
     "sft": ["torch", "transformers", "peft", "datasets", "accelerate", "sft_scale.train",
-            "sft_scale.loop", "sft_scale.model", "sft_scale.data", "sft_scale.checkpoint",
-            "sft_scale.outputs", "sft_scale.metrics", "sft_scale.distributed"],
+            "sft_scale.training.loop", "sft_scale.training.model", "sft_scale.data",
+            "sft_scale.training.checkpoint", "sft_scale.training.rundir",
+            "sft_scale.training.metrics", "sft_scale.training.distributed"],
 }
 
 

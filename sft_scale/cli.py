@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sft_scale.errors import ConfigError, run_reporting_errors
-from sft_scale.gguf_export import OUTTYPES, export_gguf, require_converter
+from sft_scale.tools.gguf_export import OUTTYPES, export_gguf, require_converter
 
 
 def positive_int(text: str) -> int:
@@ -43,8 +43,8 @@ def _zero_arg(text: str):
 
 def cmd_train(args) -> int:
     from sft_scale.config import load_config
-    from sft_scale.launch import Layout, launch_command
-    from sft_scale.resolve import resolve
+    from sft_scale.preflight.command import Layout, launch_command
+    from sft_scale.preflight.resolve import resolve
 
     cfg = load_config(args.config, args.overrides, args.output_dir)  # fail fast, before launching
     if not 0 <= args.node_rank < args.nodes:
@@ -70,7 +70,7 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from sft_scale.config import load_config
-    from sft_scale.plan import estimate, format_table
+    from sft_scale.preflight.plan import estimate, format_table
 
     cfg = load_config(args.config, args.overrides)
     plan = estimate(cfg, args.gpus_per_node * args.nodes, _memory_arg(args.gpu_memory),
@@ -81,7 +81,7 @@ def cmd_plan(args) -> int:
 
 
 def _memory_arg(text: str) -> int:
-    from sft_scale.plan import parse_size
+    from sft_scale.preflight.plan import parse_size
 
     try:
         return parse_size(text)
@@ -90,9 +90,9 @@ def _memory_arg(text: str) -> int:
 
 
 def cmd_check(args) -> int:
-    from sft_scale.check import run_check
     from sft_scale.config import load_config
-    from sft_scale.launch import Layout
+    from sft_scale.preflight.check import run_check
+    from sft_scale.preflight.command import Layout
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
     layout = Layout.for_config(cfg, args.zero, args.offload, args.deepspeed_config,
@@ -126,7 +126,7 @@ def cmd_data_preview(args) -> int:
 def cmd_data_prepare(args) -> int:
     from sft_scale.config import load_config
     from sft_scale.data.prepared import prepare
-    from sft_scale.model import load_tokenizer
+    from sft_scale.training.model import load_tokenizer
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
     path, stats, written = prepare(cfg, load_tokenizer(cfg), force=args.force)
@@ -137,7 +137,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    from sft_scale import slurm
+    from sft_scale.preflight import slurm
 
     if args.slurm_command == "submit":
         slurm.submit(args.config, slurm.options_from_args(args), args.overrides, args.output_dir,
@@ -155,7 +155,7 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from sft_scale.merge import merge
+    from sft_scale.tools.merge import merge
 
     if args.gguf:
         require_converter()  # before the merge, not after it
@@ -176,7 +176,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from sft_scale.export import export, export_to_gguf
+    from sft_scale.tools.export import export, export_to_gguf
 
     if args.format == "gguf":
         require_converter()
@@ -188,7 +188,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_gguf(args) -> int:
-    from sft_scale.gguf_export import install_converter
+    from sft_scale.tools.gguf_export import install_converter
 
     if args.gguf_command == "setup":
         print(f"llama.cpp converter in {install_converter(sdist=args.sdist)}")
@@ -206,10 +206,10 @@ def _print_gguf(report: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from sft_scale.builtin import resolve_model_path
     from sft_scale.config import DatasetSource, load_config
     from sft_scale.demo import DEMO_CONFIG
-    from sft_scale.evaluate import eval_before_after, format_table
+    from sft_scale.model_source import resolve_model_path
+    from sft_scale.tools.generation_eval import eval_before_after, format_table
 
     resolve_model_path(args.model, key="--model")  # a missing or uncached model, said in seconds
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rewrite it even when up to date")
     p.set_defaults(func=cmd_data_prepare)
 
-    from sft_scale import slurm as slurm_options  # its dataclass declares the submit flags
+    from sft_scale.preflight import slurm as slurm_options  # its dataclass declares the flags
 
     p = sub.add_parser("slurm", help="submit and follow SLURM jobs")
     slurm_sub = p.add_subparsers(dest="slurm_command", required=True)

@@ -24,14 +24,14 @@ from sft_scale.errors import ConfigError  # noqa: F401  (re-exported: its histor
 
 class ReadOnlyAfterLoad:
     """Config sections are read-only once loaded: what a run decides from them (auto values, the
-    DeepSpeed JSON, packing) lives on sft_scale.resolve.Resolved, so the config a run saves is
-    the one its user wrote. `dataclasses.replace` makes an edited copy where one is needed."""
+    DeepSpeed JSON, packing) lives on sft_scale.preflight.resolve.Resolved, so the config a run
+    saves is the one its user wrote. `dataclasses.replace` makes an edited copy where needed."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_read_only"):
             raise AttributeError(
                 f"{type(self).__name__}.{name}: the config is read-only after loading; derive "
-                "values in sft_scale.resolve.resolve() or use dataclasses.replace for a copy")
+                "values in sft_scale.preflight.resolve or use dataclasses.replace for a copy")
         super().__setattr__(name, value)
 
 
@@ -60,7 +60,7 @@ class ModelConfig(ReadOnlyAfterLoad):
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
-    # bf16/fp16; else sdpa (with packing: our per-example SDPA, see sft_scale/attention.py).
+    # bf16/fp16; else sdpa (with packing: our per-example SDPA, sft_scale/training/attention.py).
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
 
@@ -78,7 +78,7 @@ class QuantizationConfig(ReadOnlyAfterLoad):
     bnb_4bit_compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     # The dtype the packed 4-bit bytes are stored as. auto: uint8, except under ZeRO-3 the
     # compute dtype, so that ZeRO-3 can partition them with the other weights (PEFT's
-    # "DeepSpeed + QLoRA" route; sft_scale/model.py: quant_storage_dtype).
+    # "DeepSpeed + QLoRA" route; sft_scale/training/model.py: quant_storage_dtype).
     bnb_4bit_quant_storage: Literal["auto", "uint8", "fp32", "bf16", "fp16"] = "auto"
 
 
@@ -147,7 +147,7 @@ class DataConfig(ReadOnlyAfterLoad):
     # restarting at 0 per example, attention never crossing examples; the same examples per
     # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
     # example (our packed SDPA or flash-attention 2) and the model passes example boundaries to
-    # its attention; off otherwise (sft_scale/resolve.py: resolve_packing).
+    # its attention; off otherwise (sft_scale/preflight/resolve.py: resolve_packing).
     packing: bool | Literal["auto"] = "auto"
     group_by_length: bool = True  # without packing: batch similar lengths to cut padding
     num_proc: int = 1
@@ -180,7 +180,7 @@ class TrainingConfig(ReadOnlyAfterLoad):
     # standard: the model's loss on full logits. chunked: our memory-light cross-entropy (LM head
     # + CE over trained tokens, chunk by chunk). liger: liger-kernel's fused one (CUDA). auto:
     # liger when installed on CUDA, else chunked when the model allows it, else standard
-    # (sft_scale/loss.py).
+    # (sft_scale/training/loss.py).
     loss: Literal["auto", "standard", "chunked", "liger"] = "auto"
     torch_compile: bool = False  # torch.compile the repeated decoder blocks (regional)
     # adamw: torch's. adamw_8bit: bitsandbytes' block-wise 8-bit states (4x less optimizer
@@ -206,7 +206,7 @@ class CheckpointConfig(ReadOnlyAfterLoad):
     resume: str = "auto"
     # A DeepSpeed checkpoint resumed by a different number of processes (same global batch):
     # convert it once to DeepSpeed's universal format and load that (the checkpoint itself is
-    # untouched), or refuse. See sft_scale/checkpoint.py: to_universal.
+    # untouched), or refuse. See sft_scale/training/checkpoint.py: to_universal.
     resume_world_size_change: Literal["convert", "refuse"] = "convert"
     # Resuming on training data that differs from the checkpoint's (another file, another
     # tokenization) is refused unless this is true.
@@ -218,7 +218,7 @@ class DistributedConfig(ReadOnlyAfterLoad):
     # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
     # records the intent so the launch helpers and checks can read it.
     # 0-3: ds_configs/zeroN.json; null: DDP; auto: the least-communication stage (and offload)
-    # whose estimated memory fits the device, decided in the job (see sft_scale/plan.py).
+    # whose estimated memory fits the device, decided in the job (see sft_scale/preflight/plan.py).
     zero: int | Literal["auto"] | None = None
     offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own; wins over zero

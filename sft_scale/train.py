@@ -28,17 +28,17 @@ from typing import Any
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from sft_scale import checkpoint as ckpt
-from sft_scale import outputs
-from sft_scale.builtin import resolve_model_path
 from sft_scale.config import Config, ConfigError, check_warmup, dump_yaml, load_config
 from sft_scale.data import GlobalBatchSampler, build_datasets
 from sft_scale.data.prepared import find_prepared, load_prepared
 from sft_scale.data.templates import resolve_template
-from sft_scale.distributed import describe, make_accelerator
 from sft_scale.errors import OutputWriteError, SftScaleError, run_reporting_errors
-from sft_scale.eval_loop import evaluate, improved
-from sft_scale.loop import (
+from sft_scale.model_source import resolve_model_path
+from sft_scale.preflight.resolve import Resolved, in_job_layout, resolve
+from sft_scale.training import checkpoint as ckpt
+from sft_scale.training import rundir
+from sft_scale.training.distributed import describe, make_accelerator
+from sft_scale.training.loop import (
     Batches,
     LoopState,
     StepHooks,
@@ -48,13 +48,13 @@ from sft_scale.loop import (
     total_steps,
     train_loop,
 )
-from sft_scale.manifest import attempt_record, git_commit, package_versions
-from sft_scale.metrics import MetricsWriter, plot_losses
-from sft_scale.model import compile_model, count_parameters, load_model, load_tokenizer
-from sft_scale.preemption import PREEMPTED_EXIT_CODE, Preemption
-from sft_scale.resolve import Resolved, in_job_layout, resolve
-from sft_scale.serving import for_training
-from sft_scale.tasks import Task, causal_lm, classification
+from sft_scale.training.metrics import MetricsWriter, plot_losses
+from sft_scale.training.model import compile_model, count_parameters, load_model, load_tokenizer
+from sft_scale.training.preemption import PREEMPTED_EXIT_CODE, Preemption
+from sft_scale.training.rundir import attempt_record, git_commit, package_versions
+from sft_scale.training.serving import for_training
+from sft_scale.training.tasks import Task, causal_lm, classification
+from sft_scale.training.validation import evaluate, improved
 
 log = logging.getLogger("sft_scale")
 
@@ -97,23 +97,23 @@ def run(cfg: Config) -> dict:
     resolved = resolved.with_data(total_steps(cfg, len(data.train), resolved.world_size))
     resume_step = check_data(cfg, resolved, data, identity, resume_from,
                              accelerator.is_main_process)
-    rundir = start_run(cfg, resolved, data, accelerator, identity, resume_from, resume_step)
+    run_dir = start_run(cfg, resolved, data, accelerator, identity, resume_from, resume_step)
     metrics = MetricsWriter(None)
     try:
         training, serving, state = build_training(cfg, resolved, data, accelerator, identity,
                                                   resume_from)
         preemption.track(state)
         metrics = open_metrics(cfg, out_dir, accelerator.is_main_process)
-        evaluator = Evaluator(cfg, training, data, metrics, rundir, serving)
-        hooks = RunHooks(cfg, training, preemption, evaluator, rundir, identity,
+        evaluator = Evaluator(cfg, training, data, metrics, run_dir, serving)
+        hooks = RunHooks(cfg, training, preemption, evaluator, run_dir, identity,
                          resolved.total_steps)
         batches = step_batches(cfg, resolved, data, accelerator.process_index, out_dir)
-        state = rundir.guard("training", train_loop, training, batches, cfg, metrics, state,
+        state = run_dir.guard("training", train_loop, training, batches, cfg, metrics, state,
                              hooks)
         preemption.immediate = False  # from here on a signal waits for the saves below
         if state.step < resolved.total_steps:
-            return save_preempted(cfg, training, rundir, identity, state, preemption)
-        return save_completed(cfg, training, data, rundir, identity, state, evaluator, serving,
+            return save_preempted(cfg, training, run_dir, identity, state, preemption)
+        return save_completed(cfg, training, data, run_dir, identity, state, evaluator, serving,
                               started)
     finally:
         metrics.close()
@@ -126,12 +126,12 @@ def run(cfg: Config) -> dict:
 def already_completed(cfg: Config, out_dir: Path, identity: dict, main_proc: bool) -> dict | None:
     """The summary of this very run when it already completed in `out_dir` (nothing to do); a
     ConfigError when another run completed there; None otherwise."""
-    finished = outputs.finished_run(out_dir)
+    finished = rundir.finished_run(out_dir)
     if not finished or cfg.output.overwrite:
         return None
     if finished.get("identity", {}).get("config_hash") != identity["config_hash"] \
             or cfg.checkpoint.resume == "never":
-        outputs.refuse_finished(out_dir)
+        rundir.refuse_finished(out_dir)
     if main_proc:
         print(f"run in {out_dir} already completed; nothing to do", flush=True)
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -140,7 +140,7 @@ def already_completed(cfg: Config, out_dir: Path, identity: dict, main_proc: boo
 
 def find_resume(cfg: Config, out_dir: Path, main_proc: bool) -> Path | None:
     if main_proc:
-        outputs.check_writable(out_dir)
+        rundir.check_writable(out_dir)
     return None if cfg.output.overwrite else ckpt.find_resume_checkpoint(cfg, out_dir)
 
 
@@ -219,12 +219,12 @@ class RunDirectory:
         return self._guard(what, fn, *args, **kwargs)
 
     def __post_init__(self):
-        self._guard = _write_guard(outputs, self.out_dir, self.attempt, self.main_proc)
+        self._guard = _write_guard(rundir, self.out_dir, self.attempt, self.main_proc)
 
     def finish(self, status: str, ended: str) -> None:
         if self.main_proc:
             self.attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended=ended)
-            _finish_attempt(outputs, self.out_dir, self.attempt, status)
+            _finish_attempt(rundir, self.out_dir, self.attempt, status)
 
 
 def start_run(cfg: Config, resolved: Resolved, data: TrainingData, accelerator, identity: dict,
@@ -234,7 +234,7 @@ def start_run(cfg: Config, resolved: Resolved, data: TrainingData, accelerator, 
     out_dir, main_proc = Path(cfg.output.dir), accelerator.is_main_process
     record = run_record(cfg, resolved, data, accelerator)
     if main_proc:
-        outputs.acquire_run_lock(out_dir)
+        rundir.acquire_run_lock(out_dir)
         if cfg.output.overwrite:
             shutil.rmtree(ckpt.checkpoint_root(out_dir), ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -244,12 +244,12 @@ def start_run(cfg: Config, resolved: Resolved, data: TrainingData, accelerator, 
         log.info("global batch = %d micro x %d accumulation x %d processes = %d examples/step",
                  cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps,
                  resolved.world_size, resolved.global_batch_size)
-        outputs.start_run_dir(out_dir, cfg, record, resolved.deepspeed, resume_step)
+        rundir.start_run_dir(out_dir, cfg, record, resolved.deepspeed, resume_step)
     accelerator.wait_for_everyone()
     attempt = attempt_record(accelerator, str(resume_from) if resume_from else None)
     if main_proc:
-        prior = outputs.read_manifest(out_dir) or {}
-        outputs.update_manifest(
+        prior = rundir.read_manifest(out_dir) or {}
+        rundir.update_manifest(
             out_dir, status="running", identity=identity, config=cfg.to_dict(),
             resolved=record, deepspeed_config=resolved.deepspeed, packages=package_versions(),
             git_commit=git_commit(), attempts=prior.get("attempts", []) + [attempt])
@@ -305,7 +305,7 @@ def step_batches(cfg: Config, resolved: Resolved, data: TrainingData, rank: int,
                                  cfg.training.gradient_accumulation_steps, resolved.world_size,
                                  rank, cfg.training.seed,
                                  lengths=list(data.train["length"]) if grouped else None)
-    trace = outputs.sample_tracer(out_dir, rank, data.train) if cfg.output.trace_samples \
+    trace = rundir.sample_tracer(out_dir, rank, data.train) if cfg.output.trace_samples \
         else None
     return Batches(data.train, sampler, data.task, data.tokenizer.pad_token_id,
                    resolved.total_steps, trace)
@@ -335,7 +335,7 @@ class Evaluator:
         value = res[cfg.eval.metric]
         if improved(cfg.eval.metric, value, state.best):
             state.best = {"step": state.step, "metric": cfg.eval.metric, "value": value}
-            self.run.guard("best adapter", outputs.save_model, t.accelerator, t.model,
+            self.run.guard("best adapter", rundir.save_model, t.accelerator, t.model,
                            self.serving, cfg, self.run.out_dir, name="best_adapter")
         return res
 
@@ -389,9 +389,9 @@ def save_completed(cfg: Config, training: Training, data: TrainingData, run: Run
     save_checkpoint(cfg, training, run, identity, state, reason="final")
     accelerator, out_dir = training.accelerator, run.out_dir
     accelerator.wait_for_everyone()
-    run.guard("final adapter" if cfg.lora.enabled else "final model", outputs.save_model,
+    run.guard("final adapter" if cfg.lora.enabled else "final model", rundir.save_model,
               accelerator, training.model, serving, cfg, out_dir)
-    run.guard("probe logits", outputs.save_probe, accelerator, training.model, data.train,
+    run.guard("probe logits", rundir.save_probe, accelerator, training.model, data.train,
               data.tokenizer.pad_token_id, out_dir)
     elapsed = time.time() - started
     summary = {"ended": "completed", "steps": state.step,
@@ -407,7 +407,7 @@ def save_completed(cfg: Config, training: Training, data: TrainingData, run: Run
     if run.main_proc:
         if cfg.logging.plot:
             plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        run.guard("summary", outputs.finish_run_dir, out_dir, summary)
+        run.guard("summary", rundir.finish_run_dir, out_dir, summary)
         run.finish("completed", "completed")
         print("summary: " + json.dumps(summary), flush=True)
     accelerator.wait_for_everyone()
@@ -442,7 +442,7 @@ def _check_micro_batch(cfg: Config, n_examples: int) -> None:
                           "raise gradient_accumulation_steps for a larger global batch.")
 
 
-def _write_guard(outputs, out_dir: Path, attempt: dict, main_proc: bool):
+def _write_guard(rundir, out_dir: Path, attempt: dict, main_proc: bool):
     """`guard(what, fn, *args)` runs a step that writes; when it fails (full disk, read-only
     folder, a checkpoint write, a diverged loss) the manifest records how the attempt ended and
     the failure leaves as one line with its exit code (3 for writes)."""
@@ -452,7 +452,7 @@ def _write_guard(outputs, out_dir: Path, attempt: dict, main_proc: bool):
         attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        ended=f"failed: {error.label}: {error}")
         try:
-            _finish_attempt(outputs, out_dir, attempt, "failed")
+            _finish_attempt(rundir, out_dir, attempt, "failed")
         except OSError:
             log.warning("could not record the failure in %s/manifest.json either", out_dir)
 
@@ -474,11 +474,11 @@ def _write_guard(outputs, out_dir: Path, attempt: dict, main_proc: bool):
     return guard
 
 
-def _finish_attempt(outputs, out_dir: Path, attempt: dict, status: str) -> None:
-    m = outputs.read_manifest(out_dir) or {}
+def _finish_attempt(rundir, out_dir: Path, attempt: dict, status: str) -> None:
+    m = rundir.read_manifest(out_dir) or {}
     attempts = m.get("attempts", [])
     attempts[-1:] = [attempt]
-    outputs.update_manifest(out_dir, status=status, attempts=attempts)
+    rundir.update_manifest(out_dir, status=status, attempts=attempts)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def sft_scale_home(tmp_path_factory):
     """One builtin tiny-llama per test session, built by the project itself (offline)."""
     home = os.environ.get("SFT_SCALE_TEST_HOME") or str(tmp_path_factory.mktemp("sft_scale_home"))
     os.environ["SFT_SCALE_HOME"] = home
-    from sft_scale.builtin import resolve_model_path
+    from sft_scale.model_source import resolve_model_path
     resolve_model_path("builtin:tiny-llama")
     return Path(home)
 

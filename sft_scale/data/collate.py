@@ -30,7 +30,8 @@ def collate_packed(examples: list[dict],
 
     The example boundaries also travel as `cu_seq_lens_q/k` (cumulative lengths, int32) and
     `max_length_q/k` (an int): flash-attention's varlen path and our packed-row SDPA
-    (sft_scale/attention.py) read them instead of re-deriving them from the position ids."""
+    (sft_scale/training/attention.py) read them instead of re-deriving them from the position
+    ids."""
     ids, labels, pos, cu = [], [], [], [0]
     for e in examples:
         n = len(e["input_ids"])

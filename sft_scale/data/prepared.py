@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sft_scale.config import Config, ConfigError
 from sft_scale.data.pipeline import DataStats, build_datasets, eval_sources, train_sources
-from sft_scale.io_utils import atomic_write_json
+from sft_scale.training.rundir import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ def padding_efficiency(cfg: Config, dataset, packing: bool, world_size: int = 1,
 
 
 def preview(cfg: Config, n: int = 3) -> dict:
-    from sft_scale.launch import Layout
-    from sft_scale.model import load_tokenizer
-    from sft_scale.resolve import resolve
+    from sft_scale.preflight.command import Layout
+    from sft_scale.preflight.resolve import resolve
+    from sft_scale.training.model import load_tokenizer
 
     packing = resolve(cfg, Layout.for_config(cfg)).fast.packing  # what data.packing: auto means
     tokenizer = load_tokenizer(cfg)

@@ -14,9 +14,9 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_scale.builtin import resolve_model_path
 from sft_scale.errors import ConfigError
-from sft_scale.gguf_export import SAMPLE_TEXTS, LlamaCpp, convert, export_gguf, verify
+from sft_scale.model_source import resolve_model_path
+from sft_scale.tools.gguf_export import SAMPLE_TEXTS, LlamaCpp, convert, export_gguf, verify
 from tests.conftest import ROOT, run_train
 from tests.families import FAMILY
 

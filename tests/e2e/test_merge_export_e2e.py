@@ -103,7 +103,7 @@ def test_merge_refuses_bad_input_and_writes_nothing(run8, tmp_path):
 def test_too_little_disk_is_refused_before_writing(run8, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from sft_scale import merge as m
+    from sft_scale.tools import merge as m
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(m.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(m.ConfigError, match="not enough disk for the merged model"):

@@ -181,7 +181,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
         assert "the disk is full" in proc.stderr or "No space left on device" in proc.stderr
         done = sorted(p.name for p in (out / "checkpoints").iterdir())
         assert done and not [d for d in done if d.startswith(".tmp")]
-        from sft_scale.checkpoint import verify
+        from sft_scale.training.checkpoint import verify
         assert all(verify(out / "checkpoints" / d) is None for d in done)
     finally:
         subprocess.run(["umount", str(mnt)])

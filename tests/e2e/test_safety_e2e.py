@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from sft_scale import checkpoint as ckpt
+from sft_scale.training import checkpoint as ckpt
 from tests import slow_steps
 from tests.conftest import DEMO_CONFIG, ROOT, TRAIN, run_train
 
@@ -102,7 +102,7 @@ def test_outputs_follow_the_umask(finished):
     (("lora.r=4",), "LoRA shape"),
     (("training.learning_rate=0.001",), r"training\.learning_rate \(0\.003 -> 0\.001\)"),
     (("training.max_steps=1",), "at step 2, beyond this run's 1 total steps"),
-])  # (the other keys of the policy: tests/unit/test_checkpoint_safety.py)
+])  # (the other keys of the policy: tests/unit/training/test_checkpoint_safety.py)
 def test_a_refused_resume_rewrites_nothing(finished, tmp_path, sets, expected):
     out = tmp_path / "r"
     subprocess.run(["cp", "-a", str(finished), str(out)], check=True)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_scale.checkpoint import list_checkpoints, verify
-from sft_scale.slurm import SlurmOptions, render
+from sft_scale.preflight.slurm import SlurmOptions, render
+from sft_scale.training.checkpoint import list_checkpoints, verify
 from tests import slow_steps
 from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl
 from tests.slurm_cluster import LocalSlurm, available

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sft_scale.export import export
+from sft_scale.tools.export import export
 from tests.conftest import ROOT, run_train, train_metrics
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"

@@ -4,7 +4,8 @@ longer, so that a signal, a kill or a scancel lands mid-run in the end-to-end te
 Python imports `sitecustomize` at start-up from the first folder on sys.path that has one; the
 tests put this folder on PYTHONPATH (`tests.slow_steps.env`), which every process of a run
 inherits (accelerate's launcher, torchrun's workers, SLURM's srun). Production code has no such
-hook: this wraps `sft_scale.loop.train_loop` as it is imported, adding a sleep after each step.
+hook: this wraps `sft_scale.training.loop.train_loop` as it is imported, adding a sleep after
+each step.
 """
 
 import importlib.abc
@@ -35,7 +36,7 @@ def _slow_down(loop) -> None:
 
 class _PatchLoop(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "sft_scale.loop":
+        if name != "sft_scale.training.loop":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None:
