@@ -136,7 +136,8 @@ class DataConfig:
     """Training files (relative: to the config file's folder); shorthand for
     `datasets: [{path: ...}]`. This or `datasets` must name at least one."""
     eval_files: list[str] = field(default_factory=list)
-    """Evaluation files, shorthand for `eval_datasets: [{path: ...}]`."""
+    """Evaluation files (relative: to the config file's folder); shorthand for
+    `eval_datasets: [{path: ...}]`."""
     datasets: list[DatasetSource] = field(default_factory=list)
     """Training sources to mix, each with its own format, weight and field names."""
     eval_datasets: list[DatasetSource] = field(default_factory=list)
