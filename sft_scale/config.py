@@ -210,7 +210,8 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     """Adam's epsilon, > 0."""
     lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
-    """The learning rate's shape after warmup (transformers' `get_scheduler`)."""
+    """The learning rate's shape after warmup (transformers' `get_scheduler`); constant has no
+    warmup: transformers ignores warmup_steps/warmup_ratio for it."""
     warmup_steps: int = 0
     """Steps of linear warmup from 0; when 0, `warmup_ratio` decides."""
     warmup_ratio: float = 0.0
@@ -290,9 +291,11 @@ class EvalConfig:
     """Which eval metric picks the best adapter (saved to OUTPUT_DIR/best_adapter): eval_loss
     (lower is better) or, for classification, accuracy / f1 (higher is better)."""
     max_new_tokens: int = 16
-    """Generation-based evaluation (the demo): tokens generated per answer."""
+    """Generation-based evaluation (the demo; `sft-scale eval` takes --max-new-tokens instead):
+    tokens generated per answer."""
     max_examples: int = 200
-    """Generation-based evaluation (the demo): at most this many eval records."""
+    """Generation-based evaluation (the demo; `sft-scale eval` takes --max-examples instead):
+    at most this many eval records."""
 
 
 @dataclass
