@@ -105,7 +105,7 @@ def default_text(f: dataclasses.Field) -> str:
     """The default as it would be written in YAML (`null`, `true`, `[]`, `""`)."""
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if isinstance(value, float):
-        return repr(value)  # 0.0002, not YAML's 0.0002 / 2.0e-04 spellings
+        return repr(value)  # 1e-08, where PyYAML writes 1.0e-08
     return _yaml_scalar(value)
 
 
