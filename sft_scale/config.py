@@ -47,50 +47,75 @@ def _make_read_only(section: Any) -> None:
     object.__setattr__(section, "_read_only", True)
 
 
+# Each field is documented once, by the string under it (an attribute docstring, as torchtitan's
+# configs.py and litgpt's args.py write them): it sits next to the field without touching its
+# line, editors show it, and sft_scale/config_reference.py reads it (with ast) to render README's
+# config reference, which tests/unit/test_config_reference.py keeps in step.
 @dataclass
 class ModelConfig(ReadOnlyAfterLoad):
-    # A local folder or a hub id; "builtin:tiny-llama" is the embedded demo model.
     name_or_path: str = "builtin:tiny-llama"
-    tokenizer: str | None = None  # defaults to name_or_path
-    # Tokens added to the tokenizer (e.g. tool-call tags) and added special tokens (never split,
-    # kept by decode unless skip_special_tokens). The embedding grows to fit; with LoRA only the
-    # new rows are trained and saved (peft trainable_token_indices), see README "Adding tokens".
+    """A local folder or a hub id; `builtin:tiny-llama` is the embedded demo model."""
+    tokenizer: str | None = None
+    """The tokenizer's folder or hub id; null: the model's own (`name_or_path`)."""
     add_tokens: list[str] = field(default_factory=list)
+    """Tokens added to the tokenizer (e.g. tool-call tags). The embedding grows to fit; with LoRA
+    only the new rows are trained and saved (peft `trainable_token_indices`), see README "Adding
+    tokens"."""
     add_special_tokens: list[str] = field(default_factory=list)
+    """Like `add_tokens`, as special tokens: never split, dropped by
+    `decode(skip_special_tokens=True)`."""
     revision: str | None = None
+    """The hub revision (branch, tag or commit) of the model and tokenizer; null: the default
+    branch. Pin it for reproducible runs, and always with `trust_remote_code`."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    # auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
-    # bf16/fp16; else sdpa (with packing: our per-example SDPA, sft_scale/training/attention.py).
+    """The dtype the weights load and train in; auto: the checkpoint's own."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """auto: flash_attention_2 when flash_attn is installed, CUDA is available and dtype is
+    bf16/fp16; else sdpa (with packing: our per-example SDPA, sft_scale/training/attention.py)."""
     trust_remote_code: bool = False
+    """Run the Python files shipped in the model's repository (in every training, merge and export
+    process). Off: transformers refuses such a model. Only for code you have read."""
 
 
 @dataclass
 class QuantizationConfig(ReadOnlyAfterLoad):
-    # bitsandbytes LLM.int8 (8-bit) or 4-bit (QLoRA) frozen base weights; LoRA only, one of the two.
     load_in_8bit: bool = False
+    """bitsandbytes LLM.int8 frozen base weights. LoRA only; exclusive with `load_in_4bit`."""
     llm_int8_threshold: float = 6.0
+    """LLM.int8's outlier threshold: activations above it are computed in 16-bit."""
     load_in_4bit: bool = False
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # nf4: QLoRA's normal-float 4-bit
-    # Quantize the per-block scales too (~0.37 fewer bits per parameter, QLoRA's default).
+    """bitsandbytes 4-bit frozen base weights (QLoRA, least memory). LoRA only; exclusive with
+    `load_in_8bit`."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """nf4: QLoRA's normal-float 4-bit; fp4: plain 4-bit float."""
     bnb_4bit_use_double_quant: bool = True
-    # The dtype 4-bit layers dequantize to and compute in; null follows model.dtype.
+    """Quantize the per-block scales too (~0.37 fewer bits per parameter, QLoRA's default)."""
     bnb_4bit_compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    # The dtype the packed 4-bit bytes are stored as. auto: uint8, except under ZeRO-3 the
-    # compute dtype, so that ZeRO-3 can partition them with the other weights (PEFT's
-    # "DeepSpeed + QLoRA" route; sft_scale/training/model.py: quant_storage_dtype).
+    """The dtype 4-bit layers dequantize to and compute in; null follows `model.dtype`."""
     bnb_4bit_quant_storage: Literal["auto", "uint8", "fp32", "bf16", "fp16"] = "auto"
+    """The dtype the packed 4-bit bytes are stored as. auto: uint8, except under ZeRO-3 the compute
+    dtype, so that ZeRO-3 can partition them with the other weights (PEFT's "DeepSpeed + QLoRA"
+    route; sft_scale/training/model.py: quant_storage_dtype)."""
 
 
 @dataclass
 class LoraConfig(ReadOnlyAfterLoad):
-    enabled: bool = True  # false means full fine-tuning
+    enabled: bool = True
+    """Train a LoRA adapter on the frozen base; false means full fine-tuning."""
     r: int = 8
+    """The adapter's rank (>= 1)."""
     alpha: int = 16
+    """The adapter's scale is alpha / r; > 0, e.g. 2 * r."""
     dropout: float = 0.05
+    """Dropout on the adapter's input, in [0, 1)."""
     target_modules: str | list[str] = "all-linear"
+    """The modules that get an adapter: "all-linear" (every linear layer but the output head) or a
+    list of module names."""
     modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (a classification head already is).
+    For new tokens use `model.add_tokens`, which trains only their rows."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, all of them, or those of the adapted modules (peft's `bias`)."""
 
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification")
@@ -100,177 +125,253 @@ Format = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", 
 
 @dataclass
 class DatasetSource(ReadOnlyAfterLoad):
-    # A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, or a hub dataset id.
     path: str = ""
+    """A .jsonl/.json/.csv/.parquet/.txt file, a `datasets.save_to_disk` folder, or a hub dataset
+    id; relative paths are resolved against the config file's folder."""
     format: Format = "auto"
+    """This source's format (see README "Data"); auto: `data.format`, else detected from the
+    fields."""
     split: str = "train"
-    name: str | None = None  # hub dataset config name
-    weight: float | None = None  # 2.0 repeats the source twice, 0.5 takes half
-    count: int | None = None  # exactly this many records (repeating if needed)
-    # .txt files: one record per line, per blank-line-separated paragraph, or per file.
+    """The split to read from a hub dataset or a saved DatasetDict."""
+    name: str | None = None
+    """The hub dataset's config name."""
+    weight: float | None = None
+    """Sample this many times the source's size: 2.0 repeats it twice, 0.5 takes half."""
+    count: int | None = None
+    """Take exactly this many records (repeating if needed); wins over `weight`."""
     sample_by: Literal["line", "paragraph", "document"] = "line"
-    # This source's field names where they differ from ours, {ours: theirs}; ours are messages,
-    # conversations, system, tools, instruction, input, output, history, prompt, completion,
-    # text, label. E.g. {messages: dialog, system: sys}.
+    """.txt files: one record per line, per blank-line-separated paragraph, or per file."""
     columns: dict[str, str] = field(default_factory=dict)
-    role_key: str | None = None  # the role field of a turn (default: role, or from for sharegpt)
-    content_key: str | None = None  # the text field of a turn (default: content, or value)
-    # This source's role tags, {theirs: ours}, ours being system, user, assistant, tool (a tool
-    # result) and function_call (an assistant tool call written as JSON text). Added to the
-    # defaults (human/gpt/observation/function_call and the OpenAI role names).
+    """This source's field names where they differ from ours, {ours: theirs}; ours are messages,
+    conversations, system, tools, instruction, input, output, history, prompt, completion, text,
+    label. E.g. {messages: dialog, system: sys}."""
+    role_key: str | None = None
+    """The role field of a turn; null: role, or from for sharegpt."""
+    content_key: str | None = None
+    """The text field of a turn; null: content, or value for sharegpt."""
     roles: dict[str, str] = field(default_factory=dict)
+    """This source's role tags, {theirs: ours}, ours being system, user, assistant, tool (a tool
+    result) and function_call (an assistant tool call written as JSON text). Added to the defaults
+    (human/gpt/observation/function_call and the OpenAI role names)."""
 
 
 @dataclass
 class DataConfig(ReadOnlyAfterLoad):
-    train_files: list[str] = field(default_factory=list)  # shorthand for datasets: [{path: ...}]
+    train_files: list[str] = field(default_factory=list)
+    """Training files (relative: to the config file's folder); shorthand for
+    `datasets: [{path: ...}]`. This or `datasets` must name at least one."""
     eval_files: list[str] = field(default_factory=list)
+    """Evaluation files (relative: to the config file's folder); shorthand for
+    `eval_datasets: [{path: ...}]`."""
     datasets: list[DatasetSource] = field(default_factory=list)
+    """Training sources to mix, each with its own format, weight and field names."""
     eval_datasets: list[DatasetSource] = field(default_factory=list)
-    eval_fraction: float = 0.0  # held out from the training mix when no eval files are given
+    """Evaluation sources, the same keys as `datasets`."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training mix for evaluation when no eval files or datasets
+    are given; in [0, 1)."""
     format: Format = "auto"
-    prompt_field: str | None = None  # prompt/completion field names when not the usual ones
+    """The records' format for every source (a source's `format` wins); auto: detected from the
+    fields, see README "Data"."""
+    prompt_field: str | None = None
+    """prompt_completion: the prompt's field when not `prompt`."""
     answer_field: str | None = None
-    system_prompt: str | None = None  # prepended as a system turn to chats that have none
-    # "auto": the tokenizer's own template, else chatml. Or a name (chatml, llama3) or Jinja text.
+    """prompt_completion: the answer's field when not `completion` (or `answer`, `response`)."""
+    system_prompt: str | None = None
+    """Prepended as a system turn to chats that have none."""
     chat_template: str = "auto"
+    """auto: the tokenizer's own template, else chatml (with a warning, saved with the model);
+    tokenizer: the tokenizer's own or refuse; a name (chatml, llama3); or Jinja text."""
     train_on_inputs: bool = False
-    # At most the model's max_position_embeddings (refused before any weights load).
+    """Train every token, prompts too; false trains the answers only."""
     max_seq_len: int = 512
-    # truncate: cut the end; drop: drop the example; proportional: cut the prompt (everything
-    # before the first trained token, its end kept) and the rest (its start kept) in proportion
-    # to their lengths, so a long prompt no longer leaves nothing to train.
+    """Tokens per example, >= 8 and at most the model's max_position_embeddings (refused before
+    any weights load)."""
     truncation: Literal["truncate", "drop", "proportional"] = "truncate"
-    # Train the assistant's tool calls (they are model output); tool results are never trained.
+    """Longer examples: truncate cuts the end; drop drops the example; proportional cuts the prompt
+    (everything before the first trained token, its end kept) and the rest (its start kept) in
+    proportion to their lengths, so a long prompt no longer leaves nothing to train."""
     train_tool_calls: bool = True
-    # Padding-free: each micro-batch is one row of concatenated examples, position ids
-    # restarting at 0 per example, attention never crossing examples; the same examples per
-    # step as padded batches, no pad slots. auto: on for causal_lm when attention runs per
-    # example (our packed SDPA or flash-attention 2) and the model passes example boundaries to
-    # its attention; off otherwise (sft_scale/preflight/resolve.py: resolve_packing).
+    """Train the assistant's tool calls (they are model output); tool results are never trained."""
     packing: bool | Literal["auto"] = "auto"
-    group_by_length: bool = True  # without packing: batch similar lengths to cut padding
+    """Padding-free: each micro-batch is one row of concatenated examples, attention never crossing
+    examples; the same examples per step, no pad slots. auto: on for causal_lm when attention runs
+    per example and the model passes example boundaries to it, else off (see README "Data")."""
+    group_by_length: bool = True
+    """Without packing: batch examples of similar length to cut padding."""
     num_proc: int = 1
-    # Tokenized data written by `sft-scale data prepare` (relative: to the config file's folder).
-    # Unset: OUTPUT_DIR/prepared_data when that exists, else the job tokenizes at start-up.
+    """Processes that format and tokenize the data (`datasets.map`)."""
     prepared_dir: str | None = None
-    # DataLoader workers that collate the next steps' micro-batches while one trains (0: inline).
+    """Tokenized data written by `sft-scale data prepare` (relative: to the config file's folder;
+    on a cluster, on the shared filesystem). null: OUTPUT_DIR/prepared_data when that exists,
+    else the job tokenizes at start-up."""
     num_workers: int = 0
-    pin_memory: bool = True  # pinned host batches for faster host->GPU copies; ignored on CPU
+    """DataLoader workers that collate the next steps' micro-batches while one trains (0:
+    inline)."""
+    pin_memory: bool = True
+    """Pinned host batches for faster host->GPU copies; ignored on CPU."""
 
 
 @dataclass
 class TrainingConfig(ReadOnlyAfterLoad):
     seed: int = 42
+    """Seeds everything random: data order, the eval split, new weights, dropout; in [0, 2^32)."""
     micro_batch_size: int = 4
+    """Examples per forward pass per process (with packing: concatenated into one row)."""
     gradient_accumulation_steps: int = 1
-    max_steps: int = 0  # 0: derived from num_epochs
+    """Micro-batches per optimizer step; the global batch is micro_batch_size x this x processes."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0: derived from `num_epochs`."""
     num_epochs: float = 1.0
+    """Passes over the training data (fractions allowed) when `max_steps` is 0."""
     learning_rate: float = 2e-4
+    """The peak learning rate, reached after warmup."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay, in [0, 1)."""
     adam_beta2: float = 0.999
+    """Adam's second-moment decay, in [0, 1)."""
     adam_epsilon: float = 1e-8
+    """Adam's epsilon, > 0."""
     lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """The learning rate's shape after warmup (transformers' `get_scheduler`); constant has no
+    warmup: transformers ignores warmup_steps/warmup_ratio for it."""
     warmup_steps: int = 0
+    """Steps of linear warmup from 0; when 0, `warmup_ratio` decides."""
     warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's steps, in [0, 1); used when `warmup_steps` is 0."""
     max_grad_norm: float = 1.0
+    """Clip the gradients' global norm to this; 0 disables clipping."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     logging_steps: int = 1
-    # standard: the model's loss on full logits. chunked: our memory-light cross-entropy (LM head
-    # + CE over trained tokens, chunk by chunk). liger: liger-kernel's fused one (CUDA). auto:
-    # liger when installed on CUDA, else chunked when the model allows it, else standard
-    # (sft_scale/training/loss.py).
+    """Log the loss and throughput every this many steps (and at the last)."""
     loss: Literal["auto", "standard", "chunked", "liger"] = "auto"
-    torch_compile: bool = False  # torch.compile the repeated decoder blocks (regional)
-    # adamw: torch's. adamw_8bit: bitsandbytes' block-wise 8-bit states (4x less optimizer
-    # memory). paged_adamw_8bit / paged_adamw_32bit: bitsandbytes' states in CUDA unified
-    # memory, paged to CPU RAM under memory pressure (CUDA only). See loop.py: build_optimizer.
+    """standard: the model's loss on full logits. chunked: our memory-light cross-entropy (LM head
+    + CE over trained tokens, chunk by chunk). liger: liger-kernel's fused one (CUDA). auto: liger
+    when installed on CUDA, else chunked unless the model post-processes its logits or ZeRO-3
+    runs, else standard (sft_scale/training/loss.py)."""
+    torch_compile: bool = False
+    """torch.compile the repeated decoder blocks (regional, in place)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """adamw: torch's. adamw_8bit: bitsandbytes' block-wise 8-bit states (4x less optimizer
+    memory). paged_adamw_8bit / paged_adamw_32bit: bitsandbytes' states in CUDA unified memory,
+    paged to CPU RAM under memory pressure (CUDA only). With `distributed.offload` only adamw
+    (DeepSpeed's CPU Adam runs the step)."""
 
 
 @dataclass
 class OutputConfig(ReadOnlyAfterLoad):
     dir: str = "runs/sft"
+    """The run's folder (OUTPUT_DIR): adapter, checkpoints, logs; `--output-dir` overrides it."""
     save_tokenizer: bool = True
-    overwrite: bool = False  # refuse to train into a dir that already holds a finished adapter
-    # Write the example ids each rank trained on (data_trace/rank{N}.jsonl): proves sharding.
+    """Save the tokenizer with the adapter or model (always, when tokens were added)."""
+    overwrite: bool = False
+    """false: refuse to train into a dir that already holds a finished adapter."""
     trace_samples: bool = False
+    """Write the example ids each rank trained on (data_trace/rank{N}.jsonl): proves sharding."""
 
 
 @dataclass
 class CheckpointConfig(ReadOnlyAfterLoad):
-    every_steps: int = 0  # 0: only at the end (and on preemption)
+    every_steps: int = 0
+    """Write a checkpoint every this many steps; 0: only at the end (and on preemption)."""
     keep_last: int = 2
-    # auto: continue from the newest complete checkpoint in output.dir; never; or a folder.
+    """How many complete checkpoints to keep (>= 1); older ones are deleted."""
     resume: str = "auto"
-    # A DeepSpeed checkpoint resumed by a different number of processes (same global batch):
-    # convert it once to DeepSpeed's universal format and load that (the checkpoint itself is
-    # untouched), or refuse. See sft_scale/training/checkpoint.py: to_universal.
+    """auto: continue from the newest complete checkpoint in output.dir; never: start over; or a
+    checkpoint folder."""
     resume_world_size_change: Literal["convert", "refuse"] = "convert"
-    # Resuming on training data that differs from the checkpoint's (another file, another
-    # tokenization) is refused unless this is true.
+    """A DeepSpeed checkpoint resumed by a different number of processes (same global batch):
+    convert it once to DeepSpeed's universal format and load that (the checkpoint itself is
+    untouched), or refuse. See sft_scale/training/checkpoint.py: to_universal."""
     allow_data_change: bool = False
+    """Resume on training data that differs from the checkpoint's (another file, another
+    tokenization); refused while false."""
 
 
 @dataclass
 class DistributedConfig(ReadOnlyAfterLoad):
-    # DeepSpeed is chosen by the launcher (accelerate launch --use_deepspeed ...); this section
-    # records the intent so the launch helpers and checks can read it.
-    # 0-3: ds_configs/zeroN.json; null: DDP; auto: the least-communication stage (and offload)
-    # whose estimated memory fits the device, decided in the job (see sft_scale/preflight/plan.py).
     zero: int | Literal["auto"] | None = None
-    offload: bool = False  # with zero 2/3: ds_configs/zeroN_offload.json
-    deepspeed_config: str | None = None  # a DeepSpeed JSON of your own; wins over zero
-    # How long a collective may wait for the slowest rank before the process group gives up
-    # (torch.distributed / DeepSpeed init_distributed). Raise it when rank 0 does long work the
-    # others wait for (tokenizing a big dataset, writing a big checkpoint to a slow filesystem).
+    """0-3: ds_configs/zeroN.json; null: DDP; auto: the least-communication stage (and offload)
+    whose estimated memory fits the device, decided in the job (see sft_scale/preflight/plan.py)."""
+    offload: bool = False
+    """Offload optimizer state to CPU memory (ds_configs/zeroN_offload.json); needs zero 2 or 3."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON of your own (relative: to the config file's folder); wins over `zero`."""
     timeout_minutes: float = 30.0
+    """How long a collective may wait for the slowest rank before the process group gives up
+    (at most 1440). Raise it when rank 0 does long work the others wait for (tokenizing a big
+    dataset, writing a big checkpoint to a slow filesystem)."""
 
 
 @dataclass
 class EvalConfig(ReadOnlyAfterLoad):
-    every_steps: int = 0  # 0: evaluate at the end only (when there is eval data)
+    every_steps: int = 0
+    """Evaluate every this many steps; 0: at the end only (when there is eval data)."""
     micro_batch_size: int = 8
-    # Which eval metric picks the best adapter (saved to OUTPUT_DIR/best_adapter): eval_loss
-    # (lower is better) or, for classification, accuracy / f1 (higher is better).
+    """Examples per evaluation forward pass per process."""
     metric: Literal["eval_loss", "accuracy", "f1"] = "eval_loss"
-    max_new_tokens: int = 16  # generation-based evaluation (sft-scale eval, the demo)
+    """Which eval metric picks the best adapter (saved to OUTPUT_DIR/best_adapter): eval_loss
+    (lower is better) or, for classification, accuracy / f1 (higher is better)."""
+    max_new_tokens: int = 16
+    """Generation-based evaluation (the demo; `sft-scale eval` takes --max-new-tokens instead):
+    tokens generated per answer."""
     max_examples: int = 200
+    """Generation-based evaluation (the demo; `sft-scale eval` takes --max-examples instead):
+    at most this many eval records."""
 
 
 @dataclass
 class ClassificationConfig(ReadOnlyAfterLoad):
-    # Label names in head order; empty: the sorted distinct labels of the training data.
     labels: list[str] = field(default_factory=list)
-    # auto: multi_label when labels are lists, else single_label (binary when 2 labels).
+    """Label names in head order; empty: the sorted distinct labels of the training data."""
     problem_type: Literal["auto", "single_label", "multi_label"] = "auto"
+    """auto: multi_label when labels are lists, else single_label (binary when 2 labels)."""
 
 
 @dataclass
 class LoggingConfig(ReadOnlyAfterLoad):
-    tensorboard: bool = True  # event files in OUTPUT_DIR/tensorboard
-    wandb: bool = False  # when installed; project from WANDB_PROJECT
-    plot: bool = True  # OUTPUT_DIR/loss.png at the end
+    tensorboard: bool = True
+    """Event files in OUTPUT_DIR/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases when installed; the project from WANDB_PROJECT."""
+    plot: bool = True
+    """Write OUTPUT_DIR/loss.png (train and eval loss) at the end."""
 
 
 @dataclass
 class Config(ReadOnlyAfterLoad):
-    # causal_lm: generate answers (SFT). classification: a sequence-classification head.
     task: Literal["causal_lm", "classification"] = "causal_lm"
+    """causal_lm: generate answers (SFT). classification: a sequence-classification head."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model and its tokenizer."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """A quantized frozen base (8-bit or 4-bit QLoRA), for LoRA."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """The LoRA adapter, or full fine-tuning."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data, templates, lengths, batching."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch, schedule, optimizer and loss."""
     output: OutputConfig = field(default_factory=OutputConfig)
+    """Where and what the run writes."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resuming."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """DDP or DeepSpeed ZeRO. DeepSpeed is chosen by the launcher (`accelerate launch
+    --use_deepspeed ...`, which `sft-scale train` composes); this records the intent so the launch
+    helpers and checks can read it."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training and the best adapter."""
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    """Labels of `task: classification`."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Where the config came from; paths in it are resolved against this file's folder.
+    """Metrics writers."""
     source: str | None = field(default=None, metadata={"internal": True})
+    """Where the config came from (set by loading, not a key); paths in it are resolved against
+    this file's folder."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
