@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sft_scale import checkpoint as ckpt
-from tests.conftest import DEMO_CONFIG, ROOT, TRAIN, run_train
+from tests.helpers import DEMO_CONFIG, ROOT, TRAIN, run_train
 
 pytestmark = pytest.mark.slow
 SMALL = ("training.max_steps=2", "training.micro_batch_size=4", "checkpoint.every_steps=1",

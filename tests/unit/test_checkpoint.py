@@ -9,7 +9,7 @@ from sft_scale.config import load_config
 from sft_scale.distributed import make_accelerator
 from sft_scale.loop import LoopState, build_optimizer, build_scheduler
 from sft_scale.model import load_model
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")

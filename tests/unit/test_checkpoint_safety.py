@@ -11,7 +11,7 @@ import torch
 from sft_scale import checkpoint as ckpt
 from sft_scale.config import load_config
 from sft_scale.errors import CheckpointError, ConfigError
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 class Payload:

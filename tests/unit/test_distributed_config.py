@@ -10,7 +10,7 @@ from sft_scale.config import ConfigError, load_config
 from sft_scale.deepspeed_config import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
 from sft_scale.launch import Layout, launch_command
 from sft_scale.preflight import check_compatibility, resolve_deepspeed
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 @pytest.fixture

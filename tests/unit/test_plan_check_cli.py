@@ -12,7 +12,7 @@ from sft_scale.cli import main
 from sft_scale.config import ConfigError, load_config
 from sft_scale.plan import GiB, estimate
 from sft_scale.preflight import resolve_auto_zero, resolve_deepspeed
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.helpers import DEMO_CONFIG, ROOT
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
 LLAMA8B = f"model.name_or_path={FIXTURES / 'llama3_8b.json'}"

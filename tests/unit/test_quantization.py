@@ -7,7 +7,7 @@ import torch
 from sft_scale.config import ConfigError, load_config
 from sft_scale.model import bnb_config, quant_storage_dtype
 from sft_scale.preflight import check_compatibility, check_optimizer, resolve_deepspeed
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 Q4 = "quantization.load_in_4bit=true"
 
