@@ -18,7 +18,7 @@ from sft_scale.preemption import PREEMPTED_EXIT_CODE
 from tests.helpers import ROOT
 
 PACKAGE = ROOT / "sft_scale"
-ERRORS_MODULE = "sft_scale.errors"
+ERRORS_MODULE = errors.__name__
 
 # The documented exit codes (errors.py's docstring, README "Exit codes"); 75 is preemption's.
 EXIT_CODES = {"ConfigError": 2, "DataError": 2, "CheckpointError": 3, "OutputWriteError": 3,
@@ -73,17 +73,23 @@ def _import_map(tree: ast.Module) -> dict[str, tuple[str, str | None]]:
 class Package:
     """The modules of a package as ASTs, and how their names resolve to error classes."""
 
-    def __init__(self, sources: dict[str, str]):
-        self.trees = {m: ast.parse(src) for m, src in sources.items()}
+    def __init__(self, sources: dict[str, tuple[str, str]]):
+        """`sources`: module name -> (its path for messages, its text)."""
+        self.paths = {m: path for m, (path, _) in sources.items()}
+        self.trees = {m: ast.parse(src) for m, (_, src) in sources.items()}
         self.imports = {m: _import_map(t) for m, t in self.trees.items()}
         self.classes = {m: {n.name: n for n in t.body if isinstance(n, ast.ClassDef)}
                         for m, t in self.trees.items()}
 
     @classmethod
     def of(cls, root: Path, extra: dict[str, str] | None = None) -> Package:
+        """The package in folder `root`, plus `extra` modules (name -> text)."""
         sources = {".".join(p.relative_to(root.parent).with_suffix("").parts)
-                   .removesuffix(".__init__"): p.read_text() for p in sorted(root.rglob("*.py"))}
-        return cls({**sources, **(extra or {})})
+                   .removesuffix(".__init__"): (str(p.relative_to(root.parent)), p.read_text())
+                   for p in sorted(root.rglob("*.py"))}
+        sources.update({m: (m.replace(".", "/") + ".py", text)
+                        for m, text in (extra or {}).items()})
+        return cls(sources)
 
     def resolve(self, module: str, name: str, seen=()) -> str:
         """The error class `name` (maybe dotted) means in `module`: an errors.py class name, or
@@ -146,11 +152,11 @@ def problems(package: Package) -> list[str]:
     for module, line, qualname, cls in package.raise_sites():
         if cls in EXIT_CODES or (qualname, cls) in ALLOWED:
             continue
-        where = f"{module.replace('.', '/')}.py:{line} (in {qualname or 'the module'})"
+        where = f"{package.paths[module]}:{line} (in {qualname or 'the module'})"
         if cls == "SftScaleError" or hasattr(builtins, cls) or "." in cls:
-            out.append(f"{where}: raise {cls} exits with a traceback (code 1). A problem the "
-                       "user can fix raises an error of sft_scale/errors.py with its exit code; "
-                       "a bug may stay, listed in ALLOWED with the reason")
+            out.append(f"{where}: raise {cls}, not an error class of sft_scale/errors.py with a "
+                       "documented exit code. A problem the user can fix raises one of those; "
+                       "an internal bug may keep its type, listed in ALLOWED with the reason")
         else:
             out.append(f"{where}: raise {cls}: cannot tell its class; raise an error class "
                        "directly, or assign one to a name in the same function")
@@ -181,13 +187,13 @@ def test_every_error_class_raised_is_found_through_imports_and_assignments(packa
 
 @pytest.mark.parametrize("source,expected", [
     ("def load(key):\n    raise ValueError(f'bad key {key}')\n",
-     "sft_scale/injected.py:2 (in load): raise ValueError exits with a traceback"),
+     "sft_scale/injected.py:2 (in load): raise ValueError, not an error class"),
     ("import json\ndef load(t):\n    raise json.JSONDecodeError('x', t, 0)\n",
-     "sft_scale/injected.py:3 (in load): raise json.JSONDecodeError exits"),
+     "sft_scale/injected.py:3 (in load): raise json.JSONDecodeError, not"),
     ("from sft_scale.errors import SftScaleError\n"
      "class Mine(SftScaleError):\n    pass\n"
      "def load():\n    err = Mine('x')\n    raise err\n",
-     "sft_scale/injected.py:6 (in load): raise SftScaleError exits"),
+     "sft_scale/injected.py:6 (in load): raise SftScaleError, not"),
     ("def load(e):\n    raise e\n", "sft_scale/injected.py:2 (in load): raise e: cannot tell"),
 ])
 def test_a_new_bare_raise_fails_this_check(source, expected):
