@@ -43,6 +43,7 @@ def one_line(proc, code: int, starts: str) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_resuming_from_a_folder_that_is_no_checkpoint_is_exit_3(tmp_path):
     half = tmp_path / "step-00000004"  # what a writer killed mid-save leaves
     half.mkdir()
