@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import re
 from pathlib import Path
 
@@ -56,6 +57,12 @@ ALLOWED = {
 }
 
 
+@functools.cache
+def _parse(source: str) -> ast.Module:
+    return ast.parse(source)  # read-only here: one parse serves every test
+
+
+@functools.cache
 def _import_map(tree: ast.Module) -> dict[str, tuple[str, str | None]]:
     """Every name the module imports, at the top or inside functions: name -> (module, attr);
     attr None for `import x`."""
@@ -76,7 +83,7 @@ class Package:
     def __init__(self, sources: dict[str, tuple[str, str]]):
         """`sources`: module name -> (its path for messages, its text)."""
         self.paths = {m: path for m, (path, _) in sources.items()}
-        self.trees = {m: ast.parse(src) for m, (_, src) in sources.items()}
+        self.trees = {m: _parse(src) for m, (_, src) in sources.items()}
         self.imports = {m: _import_map(t) for m, t in self.trees.items()}
         self.classes = {m: {n.name: n for n in t.body if isinstance(n, ast.ClassDef)}
                         for m, t in self.trees.items()}
