@@ -129,9 +129,9 @@ def check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | No
               for i, m in enumerate(messages) for c in m.get("tool_calls", [])]
     lost = [what for what, name in names if name not in text]
     if lost:
-        raise ValueError(f"the chat template does not render {', '.join(lost)}: it has no tool "
-                         "support. Use a template that renders tools (the model's own if it "
-                         "has one, or data.chat_template: chatml)")
+        raise ConfigError(f"the chat template does not render {', '.join(lost)}: it has no tool "
+                          "support. Use a template that renders tools (the model's own if it "
+                          "has one, or data.chat_template: chatml)")
 
 
 def _common_prefix(a, b) -> int:
@@ -180,9 +180,9 @@ def assistant_spans(tokenizer, template: str, messages: list[dict],
         start = _common_prefix(full, other)
         end = len(full) - _common_suffix(full, other, min(len(full), len(other)) - start)
         if other.count(_PROBE) != 1 or other[start:start + len(_PROBE)] != _PROBE:
-            raise ValueError(f"the chat template does not render assistant turn {i}'s content "
-                             "once, as given, so its loss mask cannot be located; choose "
-                             "another data.chat_template")
+            raise ConfigError(f"the chat template does not render assistant turn {i}'s content "
+                              "once, as given, so its loss mask cannot be located; choose "
+                              "another data.chat_template")
         spans.append((start, end + _turn_end(tokenizer, template, messages[: i + 1], tools),
                       m["train"]))
     return full, spans
@@ -200,9 +200,9 @@ def _tool_call_span(tokenizer, template, messages, i, tools, full) -> tuple[int,
                   + _turn_end(tokenizer, template, plain, tools):]
             if other.count(_PROBE) == 1 else None)
     if rest is None or not full.endswith(rest) or len(full) - len(rest) <= start:
-        raise ValueError(f"the chat template does not render assistant turn {i} (a tool call) "
-                         "apart from the rest of the conversation, so its loss mask cannot be "
-                         "located; choose another data.chat_template")
+        raise ConfigError(f"the chat template does not render assistant turn {i} (a tool call) "
+                          "apart from the rest of the conversation, so its loss mask cannot be "
+                          "located; choose another data.chat_template")
     return start, len(full) - len(rest)
 
 

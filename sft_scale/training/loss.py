@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from sft_scale.data.tokenize import IGNORE_INDEX
+from sft_scale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ def _causal_lm_parts(model):
         inner = inner.get_base_model()  # LoRA layers are injected in place: the real forward
     head = inner.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(inner).__name__} has no output embeddings (LM head)")
+        raise ConfigError(f"{type(inner).__name__} has no output embeddings (LM head), so "
+                          "there is no next-token loss to train; set model.name_or_path to a "
+                          "causal language model")
     return inner, head
 
 
@@ -264,8 +267,8 @@ def liger_cross_entropy(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     linear = plain_linear(head)
     if linear is None:
-        raise ValueError(f"training.loss: liger needs a plain linear LM head, got "
-                         f"{type(head).__name__} (e.g. LoRA on lm_head); use 'chunked'")
+        raise ConfigError(f"training.loss: liger needs a plain linear LM head, got "
+                          f"{type(head).__name__} (e.g. LoRA on lm_head); use 'chunked'")
     if h.shape[0] == 0:
         return h.sum() * 0.0
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")(linear.weight, h, y, linear.bias)

@@ -22,8 +22,8 @@ def load_tokenizer(cfg: Config):
     tok = open_tokenizer(path, revision=cfg.model.revision,
                          trust_remote_code=cfg.model.trust_remote_code)
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer {path!r} has no EOS token: generation could never stop. "
-                         "Use a tokenizer with an eos_token, or set model.tokenizer to one.")
+        raise ConfigError(f"tokenizer {path!r} has no EOS token: generation could never stop. "
+                          "Use a tokenizer with an eos_token, or set model.tokenizer to one.")
     if cfg.model.add_tokens:
         tok.add_tokens(list(cfg.model.add_tokens))
     if cfg.model.add_special_tokens:

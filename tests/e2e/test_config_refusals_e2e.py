@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_train
+from tests.helpers import run_train
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_train, train_metrics
+from tests.helpers import ROOT, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     DEMO_CONFIG,
     ROOT,
-    _free_port,
     adapter,
     ds_launch,
+    free_port,
     losses,
     read_jsonl,
     run_train,
@@ -86,7 +86,7 @@ def test_full_finetune_saves_a_consolidated_model_plain_transformers_loads(tmp_p
 
 def test_multi_node_two_launchers_on_one_host_with_deepspeed(tmp_path):
     """Two `sft-scale train --nodes 2 --node-rank R` invocations, as two nodes would run them."""
-    out, port = tmp_path / "mn", _free_port()
+    out, port = tmp_path / "mn", free_port()
     cmd = [sys.executable, "-m", "sft_scale.cli", "train", "--config", str(DEMO_CONFIG),
            "--zero", "2", "--nproc", "1", "--nodes", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "--output-dir", str(out)] + \
@@ -107,7 +107,7 @@ def test_zero_auto_picks_a_stage_in_the_job_and_trains_under_deepspeed(tmp_path)
     finds (here the host's RAM over 2 processes), all pick the same stage, DeepSpeed runs it."""
     out = tmp_path / "auto"
     cmd = [sys.executable, "-m", "sft_scale.cli", "train", "--config", str(DEMO_CONFIG),
-           "--zero", "auto", "--nproc", "2", "--master-port", str(_free_port()),
+           "--zero", "auto", "--nproc", "2", "--master-port", str(free_port()),
            "--output-dir", str(out)] + [x for s in SMALL for x in ("--set", s)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl, run_train, train_metrics
+from tests.helpers import ROOT, read_jsonl, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 CLS = ROOT / "examples" / "classification.yaml"

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from sft_scale.data import encode_example
-from tests.conftest import run_train
 from tests.e2e.test_merge_export_e2e import cli, plain
 from tests.families import FAMILIES, FAMILY
+from tests.helpers import run_train
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sft_scale.errors import ConfigError
 from sft_scale.model_source import resolve_model_path
 from sft_scale.tools.gguf_export import SAMPLE_TEXTS, LlamaCpp, convert, export_gguf, verify
-from tests.conftest import ROOT, run_train
 from tests.families import FAMILY
+from tests.helpers import ROOT, run_train
 
 pytestmark = pytest.mark.slow
 

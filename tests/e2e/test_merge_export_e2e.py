@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_train
+from tests.helpers import ROOT, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, _free_port, train_metrics
+from tests.helpers import DEMO_CONFIG, ROOT, free_port, train_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def train_marked(script, out, nproc, *sets):
     cmd = [sys.executable, str(script)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-               "--multi_gpu", "--main_process_port", str(_free_port()), str(script)]
+               "--multi_gpu", "--main_process_port", str(free_port()), str(script)]
     cmd += ["--config", str(DEMO_CONFIG), "--output-dir", str(out)]
     for s in SETS + sets:
         cmd += ["--set", s]

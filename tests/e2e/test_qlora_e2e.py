@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests import slow_steps
-from tests.conftest import ROOT, adapter, ds_launch, losses, run_train
+from tests.helpers import ROOT, adapter, ds_launch, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_4bit_with_adamw_8bit_resumes_bit_exactly_after_a_kill(tmp_path):
     import signal
     import time
 
-    from tests.conftest import DEMO_CONFIG, TRAIN
+    from tests.helpers import DEMO_CONFIG, TRAIN
 
     sets = [*SMALL, "training.optimizer=adamw_8bit", "lora.dropout=0.1",
             "checkpoint.every_steps=2"]

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from tests import slow_steps
-from tests.conftest import (
+from tests.helpers import (
     DEMO_CONFIG,
     ROOT,
     TRAIN,
-    _free_port,
     adapter,
+    free_port,
     losses,
     run_train,
     train_metrics,
@@ -39,7 +39,7 @@ def command(out, nproc=1, stage=None):
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
             "--use_deepspeed", "--deepspeed_config_file",
             str(ROOT / "ds_configs" / f"{stage}.json"),
-            "--main_process_port", str(_free_port()), str(TRAIN)] + args
+            "--main_process_port", str(free_port()), str(TRAIN)] + args
 
 
 def start(out, nproc=1, stage=None):

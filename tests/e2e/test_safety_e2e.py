@@ -15,7 +15,7 @@ import torch
 
 from sft_scale.training import checkpoint as ckpt
 from tests import slow_steps
-from tests.conftest import DEMO_CONFIG, ROOT, TRAIN, run_train
+from tests.helpers import DEMO_CONFIG, ROOT, TRAIN, run_train
 
 pytestmark = pytest.mark.slow
 SMALL = ("training.max_steps=2", "training.micro_batch_size=4", "checkpoint.every_steps=1",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from sft_scale.preflight.slurm import SlurmOptions, render
 from sft_scale.training.checkpoint import list_checkpoints, verify
 from tests import slow_steps
-from tests.conftest import DEMO_CONFIG, ROOT, _free_port, read_jsonl
+from tests.helpers import DEMO_CONFIG, ROOT, free_port, read_jsonl
 from tests.slurm_cluster import LocalSlurm, available
 
 pytestmark = pytest.mark.slow
@@ -257,7 +257,7 @@ def test_term_to_every_process_of_the_node_script_still_checkpoints(tmp_path):
     node = tmp_path / "node.sh"
     node.write_text(r.node)
     env = dict(slow_steps.env(1), SFT_SCALE_PYTHON=sys.executable, SLURM_NODEID="0",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     p = subprocess.Popen(["bash", str(node)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     t0 = time.time()

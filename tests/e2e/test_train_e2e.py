@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl, run_train, train_metrics
+from tests.helpers import ROOT, read_jsonl, run_train, train_metrics
 
 pytestmark = pytest.mark.slow
 

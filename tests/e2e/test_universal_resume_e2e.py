@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, _free_port, losses
+from tests.helpers import DEMO_CONFIG, ROOT, free_port, losses
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def train(out, nproc, steps, *sets):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
                "--use_deepspeed", "--deepspeed_config_file",
                str(ROOT / "ds_configs" / "zero2.json"),
-               "--main_process_port", str(_free_port()), str(ROOT / "sft_scale" / "train.py")]
+               "--main_process_port", str(free_port()), str(ROOT / "sft_scale" / "train.py")]
     accum = 2 // nproc
     cmd += ["--config", str(DEMO_CONFIG), "--output-dir", str(out)]
     for s in SETS + (f"training.max_steps={steps}",

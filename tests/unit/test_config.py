@@ -107,7 +107,7 @@ def test_global_batch(tmp_path):
                                   "mistral_7b_instruct_chat.yaml",
                                   "qwen2.5_7b_instruct_chat.yaml"])
 def test_shipped_example_configs_are_valid(name):
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
     cfg = load_config(ROOT / "examples" / name)
     assert cfg.data.train_files or cfg.data.datasets
 

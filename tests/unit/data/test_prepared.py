@@ -12,7 +12,7 @@ from sft_scale.config import ConfigError, load_config
 from sft_scale.data import build_datasets
 from sft_scale.data.prepared import find_prepared, load_prepared, prepare
 from sft_scale.training.model import load_tokenizer
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.helpers import DEMO_CONFIG, ROOT
 
 
 def demo(tmp_path, *sets):

@@ -14,7 +14,7 @@ from sft_scale.preflight.command import Layout
 from sft_scale.preflight.deepspeed import choose_zero
 from sft_scale.preflight.plan import GiB, estimate
 from sft_scale.preflight.resolve import in_job_layout, resolve
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.helpers import DEMO_CONFIG, ROOT
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "model_configs"
 LLAMA8B = f"model.name_or_path={FIXTURES / 'llama3_8b.json'}"

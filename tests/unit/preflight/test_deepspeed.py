@@ -16,7 +16,7 @@ from sft_scale.preflight.deepspeed import (
     resolve_ds_config,
 )
 from sft_scale.preflight.resolve import resolve
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from sft_scale.config import load_config
 from sft_scale.preflight.deepspeed import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.helpers import DEMO_CONFIG, ROOT
 
 
 @pytest.mark.parametrize("name, force", [("zero2_offload", True), ("zero3_offload", True),

@@ -19,7 +19,7 @@ from sft_scale.preflight.plan import (
     model_states,
     parse_size,
 )
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "model_configs"
 # Published parameter counts (the model cards / safetensors index totals).

@@ -6,7 +6,7 @@ from transformers import AutoConfig
 from sft_scale.config import ConfigError, load_config
 from sft_scale.model_source import resolve_model_path
 from sft_scale.preflight.resolve import check_lora_fits
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")

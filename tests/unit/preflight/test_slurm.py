@@ -27,7 +27,7 @@ from sft_scale.preflight.slurm import (
     signal_window,
     time_limit_seconds,
 )
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.helpers import DEMO_CONFIG, ROOT
 
 HOSTILE = "o u't \"q\" $(touch PWNED1) `touch PWNED2`; touch PWNED3 %j"
 

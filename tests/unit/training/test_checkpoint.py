@@ -11,7 +11,7 @@ from sft_scale.training import checkpoint as ckpt
 from sft_scale.training.distributed import make_accelerator
 from sft_scale.training.loop import LoopState, build_optimizer, build_scheduler
 from sft_scale.training.model import load_model
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")

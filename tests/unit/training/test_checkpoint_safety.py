@@ -12,7 +12,7 @@ import torch
 from sft_scale.config import load_config
 from sft_scale.errors import CheckpointError, ConfigError
 from sft_scale.training import checkpoint as ckpt
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 class Payload:

@@ -6,7 +6,7 @@ import pytest
 
 from sft_scale.config import ConfigError, load_config
 from sft_scale.training.distributed import describe, make_accelerator
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def test_process_group_timeout_comes_from_the_config_and_is_printed():

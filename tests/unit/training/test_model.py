@@ -4,13 +4,17 @@ the saved tokenizer. (The fresh-process reload after a real run:
 tests/e2e/test_tools_tokens_e2e.py.)"""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_scale.config import load_config
+from sft_scale.errors import ConfigError
+from sft_scale.model_source import resolve_model_path
 from sft_scale.preflight.resolve import in_job_layout, resolve
 from sft_scale.tools.merge import merge
 from sft_scale.training.model import load_model, load_tokenizer
@@ -65,3 +69,18 @@ def test_added_tokens_train_only_their_rows_and_reload_with_plain_peft(tmp_path)
     assert report["max_abs_logit_diff"] < 1e-4
     cfg_json = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert cfg_json["vocab_size"] == len(tok)
+
+
+def test_a_tokenizer_without_eos_is_a_config_error_naming_the_fix(tmp_path):
+    base = resolve_model_path("builtin:tiny-llama")
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text((Path(base) / "tokenizer.json").read_text())
+    settings = json.loads((Path(base) / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(dict(settings, eos_token=None)))
+    (tmp_path / "c.yaml").write_text(
+        f"model:\n  name_or_path: builtin:tiny-llama\n  tokenizer: {tokenizer}\n"
+        "data:\n  train_files: [x.jsonl]\n")
+    with pytest.raises(ConfigError, match=rf"tokenizer '{tokenizer}' has no EOS token: generation "
+                                          r"could never stop\. .*or set model\.tokenizer"):
+        load_tokenizer(load_config(tmp_path / "c.yaml"))

@@ -9,7 +9,7 @@ from sft_scale.preflight.command import Layout
 from sft_scale.preflight.deepspeed import check_compatibility
 from sft_scale.preflight.resolve import check_optimizer, resolve
 from sft_scale.training.model import bnb_config, quant_storage_dtype
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 Q4 = "quantization.load_in_4bit=true"
 

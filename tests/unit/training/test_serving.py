@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 from sft_scale.data.templates import CHATML, fallback_warning
 from sft_scale.model_source import resolve_model_path
 from sft_scale.training.serving import adds_bos, for_training, save_tokenizer, serving_tokenizer
-from tests.conftest import ROOT
 from tests.families import build_family, tokenizer_folder
+from tests.helpers import ROOT
 
 
 def test_saved_tokenizer_adds_bos_as_training_did_and_reloads_right_padded(tmp_path):
