@@ -54,6 +54,13 @@ ALLOWED = {
         "fault, whose traceback a bug report needs",
     ("measure_peak_cpu", "RuntimeError"):
         "bench-only measurement: the message is the child's traceback",
+    ("ReadOnlyAfterLoad.__setattr__", "AttributeError"):
+        "code that writes to a loaded Config is a bug (derived values live on Resolved); the "
+        "traceback shows where",
+    ("replace_block", "SystemExit"):
+        "python -m sft_scale.config_reference, a developer tool: a one-line message and exit 1",
+    ("main", "SystemExit"):
+        "python -m sft_scale.config_reference --check: exit 1 when README is stale",
 }
 
 

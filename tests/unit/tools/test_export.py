@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from sft_scale.config import load_config
 from sft_scale.errors import ConfigError
 from sft_scale.model_source import resolve_model_path
+from sft_scale.preflight.resolve import in_job_layout, resolve
 from sft_scale.tools import export as ex
 from sft_scale.training import checkpoint as ckpt
 from sft_scale.training.distributed import make_accelerator
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "run"
     cfg = load_config(DEMO_CONFIG, output_dir=str(out))
     acc = make_accelerator(cfg)
-    model = load_model(cfg)
+    model = load_model(cfg, resolve(cfg, in_job_layout(cfg)))
     sched = build_scheduler(build_optimizer(model, cfg), cfg, 10)
     model = acc.prepare(model)
     ckpt.keep_trainable_only(acc, model)

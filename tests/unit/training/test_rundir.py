@@ -16,6 +16,7 @@ from sft_scale.config import load_config
 from sft_scale.data import collate
 from sft_scale.errors import ConfigError
 from sft_scale.model_source import resolve_model_path
+from sft_scale.preflight.resolve import in_job_layout, resolve
 from sft_scale.training import rundir as outputs
 from sft_scale.training.distributed import make_accelerator
 from sft_scale.training.model import load_model, load_tokenizer
@@ -101,7 +102,7 @@ def trained(cfg):
     """The demo's LoRA model on a real single-process Accelerator, with the serving parts."""
     acc = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = acc.prepare(load_model(cfg))
+    model = acc.prepare(load_model(cfg, resolve(cfg, in_job_layout(cfg))))
     serving = for_training(tokenizer, resolve_model_path(cfg.model.name_or_path), None, True)
     return acc, model, tokenizer, serving
 
