@@ -11,15 +11,14 @@ import json
 from pathlib import Path
 
 from sft_scale.config import load_config
+from sft_scale.data.pipeline import eval_sources
+from sft_scale.evaluate import eval_before_after
+from sft_scale.train import run
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.yaml"
 
 
 def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
-    from sft_scale.data.pipeline import eval_sources
-    from sft_scale.evaluate import eval_before_after
-    from sft_scale.train import run
-
     # The demo may be rerun into the same folder: it replaces its own previous result.
     cfg = load_config(DEMO_CONFIG, ["output.overwrite=true"] + list(overrides or []), output_dir)
     before = eval_before_after(cfg, None, eval_sources(cfg))["before"]

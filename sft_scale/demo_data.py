@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 SUBJECTS = [
@@ -94,7 +95,6 @@ def classification_examples(seed: int = 2) -> tuple[list, list]:
 
 
 def main() -> None:  # python -m sft_scale.demo_data [OUT_DIR] regenerates the shipped files
-    import sys
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "sft_scale/assets")
     train, ev = make_examples()
     write_jsonl(train, out / "demo_train.jsonl")

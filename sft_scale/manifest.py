@@ -9,6 +9,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from accelerate.utils import gather_object
+
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "bitsandbytes", "datasets",
             "safetensors", "tokenizers", "sft_scale")
 
@@ -35,8 +37,6 @@ def git_commit() -> str | None:
 
 def attempt_record(accelerator, resumed_from: str | None) -> dict:
     """This attempt's facts (a collective: every rank must call it, for the host list)."""
-    from accelerate.utils import gather_object
-
     hosts = sorted(set(gather_object([socket.gethostname()])))
     return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ended_at": None,
             "ended": "running", "world_size": accelerator.num_processes, "hostnames": hosts,

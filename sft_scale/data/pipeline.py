@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
+import datasets
 from jinja2.exceptions import TemplateError
 
 from sft_scale.config import Config, ConfigError, DatasetSource
@@ -66,8 +67,6 @@ def load_examples(sources: list[DatasetSource], cfg: Config):
 def sample_examples(sources: list[DatasetSource], cfg: Config, per_source: int | None):
     """(canonical examples, record count of the whole mix): with `per_source`, only a seeded
     random sample of that many records of each source is formatted (`sft-scale check`)."""
-    import datasets
-
     parts, total = [], 0
     for i, src in enumerate(sources):
         ds = load_source(src)

@@ -8,6 +8,8 @@ from sft_scale.data.collate import collate, collate_packed, padding_stats
 from sft_scale.data.pipeline import build_datasets
 from sft_scale.data.sampler import GlobalBatchSampler
 from sft_scale.data.tokenize import IGNORE_INDEX
+from sft_scale.fastpaths import model_config, resolve_fast_paths
+from sft_scale.model import load_tokenizer
 
 OPEN, CLOSE = "«", "»"  # around trained tokens
 
@@ -49,9 +51,6 @@ def padding_efficiency(cfg: Config, dataset, world_size: int = 1, max_steps: int
 
 
 def preview(cfg: Config, n: int = 3) -> dict:
-    from sft_scale.fastpaths import model_config, resolve_fast_paths
-    from sft_scale.model import load_tokenizer
-
     resolve_fast_paths(cfg, None, model_config(cfg))  # settles data.packing: auto
     tokenizer = load_tokenizer(cfg)
     train, _eval, stats = build_datasets(cfg, tokenizer)
