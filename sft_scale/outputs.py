@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from sft_scale.config import Config, ConfigError, dump_yaml
+from sft_scale.data import collate
 from sft_scale.io_utils import apply_umask, atomic_dir, atomic_write_json, atomic_write_text
 
 LOCK = ".run.lock"
@@ -210,10 +212,6 @@ def save_model(accelerator, model, serving, cfg: Config, out_dir: Path,
 def save_probe(accelerator, model, dataset, pad_token_id: int, out_dir: Path, n: int = 2) -> None:
     """The trained model's logits on a few training inputs, so any reload (plain peft, merge,
     export) can be checked against what training really ended with."""
-    from safetensors.torch import save_file
-
-    from sft_scale.data import collate
-
     batch = collate([dataset[i] for i in range(min(n, len(dataset)))], pad_token_id)
     model.eval()
     logits = model(input_ids=batch["input_ids"].to(accelerator.device),

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sft_scale.attention import packed_forward
 from sft_scale.data import IGNORE_INDEX, collate, collate_packed
+from sft_scale.loss import summed_loss
 
 
 @dataclass
@@ -30,9 +32,6 @@ class Task:
 
 def causal_lm(packing: bool, loss: str = "standard") -> Task:
     """`loss`: standard | chunked | liger, as resolved by sft_scale.loss.resolve_loss."""
-    from sft_scale.attention import packed_forward
-    from sft_scale.loss import summed_loss
-
     count = count_trained_tokens
 
     def loss_fn(model, batch, n_items):
