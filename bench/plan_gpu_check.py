@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script, bench/ is on the path but the repo root is not
 LLAMA_1B = {  # Llama-3.2-1B's shape with a 32k vocabulary: 1.0B parameters
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -30,8 +32,9 @@ CASES = {
 def main() -> None:
     import torch
 
+    from bench.plan_measure import measure_peak_cuda
     from sft_scale.config import load_config
-    from sft_scale.plan import GiB, estimate, measure_peak_cuda
+    from sft_scale.plan import GiB, estimate
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="plan_gpu.md")

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from huggingface_hub import model_info, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from sft_scale.demo_data import make_examples, pretraining_corpus
 from sft_scale.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
@@ -89,7 +91,8 @@ def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:
 
 
 def build_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    # torch and transformers load in the builders only: slurm.py imports this module, and the
+    # CLI imports slurm.py to build its parser (start-up time of every command, login nodes).
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -106,10 +109,8 @@ def build_tokenizer(corpus: list[str]):
 
 
 def build_tiny_llama(target: Path, pretrain_steps: int = 150) -> None:
-    import torch
+    import torch  # see build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sft_scale.demo_data import make_examples, pretraining_corpus
 
     corpus = pretraining_corpus()
     train, _ = make_examples()
@@ -143,7 +144,7 @@ def build_tiny_llama(target: Path, pretrain_steps: int = 150) -> None:
 
 def _pretrain(model, tokenizer, corpus: list[str], steps: int, gen) -> None:
     """A few seconds of next-token training on unlabelled text; full precision, one process."""
-    import torch
+    import torch  # see build_tokenizer
 
     ids = [[tokenizer.bos_token_id] + tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
            for t in corpus]
