@@ -46,28 +46,9 @@ from torch.utils.checkpoint import checkpoint
 from sft_scale import optional
 from sft_scale.data.tokenize import IGNORE_INDEX
 from sft_scale.errors import ConfigError
+from sft_scale.plan import CHUNK_ELEMENTS, chunked_unsupported
 
 log = logging.getLogger(__name__)
-
-# fp32 logits per chunk: rows x vocab x 4 bytes stays near 256 MB whatever the vocabulary.
-CHUNK_ELEMENTS = 1 << 26
-
-# Config attributes of models whose forward post-processes the LM head's output (soft-capping,
-# scaling): the chunked/liger paths apply the bare head and would compute another loss.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                         "output_multiplier_scale", "mup_width_multiplier")
-
-
-def chunked_unsupported(model_config) -> str | None:
-    """Why the chunked/liger loss would be wrong for this model (None: it is right)."""
-    for attr in _LOGIT_POSTPROCESSING:
-        value = getattr(model_config, attr, None)
-        if value not in (None, 0, 1, 1.0, False):
-            return f"the model post-processes its logits ({attr}={value})"
-    if getattr(model_config, "is_encoder_decoder", False):
-        return "encoder-decoder models are not supported"
-    return None
-
 
 def resolve_loss(cfg, model_config=None, zero_stage: int | None = None) -> tuple[str, str]:
     """(standard | chunked | liger, why) for `training.loss`; ConfigError when impossible."""

@@ -30,6 +30,27 @@ COMM_TIER = {(0, False): 0, (1, False): 0, (2, False): 0, (2, True): 1, (3, Fals
              (3, True): 3}
 _SHAPES: dict[str, ModelShape] = {}
 
+# What the chunked loss (sft_scale/loss.py) needs from a model, here where planning reads it
+# without importing the training stack (torch, peft).
+# fp32 logits per chunk: rows x vocab x 4 bytes stays near 256 MB whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 26
+
+# Config attributes of models whose forward post-processes the LM head's output (soft-capping,
+# scaling): the chunked/liger paths apply the bare head and would compute another loss.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                         "output_multiplier_scale", "mup_width_multiplier")
+
+
+def chunked_unsupported(model_config) -> str | None:
+    """Why the chunked/liger loss would be wrong for this model (None: it is right)."""
+    for attr in _LOGIT_POSTPROCESSING:
+        value = getattr(model_config, attr, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return f"the model post-processes its logits ({attr}={value})"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    return None
+
 
 @dataclass
 class ModelShape:
@@ -56,9 +77,9 @@ class ModelShape:
 
 
 def _model_config(src):
-    # torch, transformers and sft_scale.loss (which imports them) load in the functions that
-    # build the model only: slurm.py imports this module, and the CLI imports slurm.py to build its
-    # parser (start-up time of every command, on login nodes).
+    # torch and transformers load in the functions that build the model only: slurm.py imports
+    # this module, and the CLI imports slurm.py to build its parser (start-up time of every
+    # command, on login nodes).
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(src, PretrainedConfig):
@@ -95,8 +116,6 @@ def _build_shape(mc) -> ModelShape:
     import torch  # see _model_config
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from sft_scale.loss import chunked_unsupported
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(mc)
@@ -268,8 +287,6 @@ def activation_bytes(cfg, shape: ModelShape, micro: int, loss: str = "standard")
         # One chunk of fp32 logits, log-softmax and gradient at a time (sft_scale/loss.py), plus
         # the selected hidden states and their fp32 gradient, kept for backward (an upper bound:
         # only trained positions are selected).
-        from sft_scale.loss import CHUNK_ELEMENTS  # see _model_config
-
         rows = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab_size))
         logits = rows * shape.vocab_size * 12 + tokens * h * (4 + ab)
     if cfg.training.gradient_checkpointing:
