@@ -105,13 +105,6 @@ def classification(num_labels: int, problem: str) -> Task:
                 count_examples, loss, outputs)
 
 
-def problem_type(labels: list, configured: str) -> str:
-    if configured == "multi_label" or (configured == "auto" and labels and
-                                       isinstance(labels[0], list)):
-        return "multi_label"
-    return "single_label"
-
-
 def classification_metrics(preds: list, targets: list, num_labels: int, problem: str) -> dict:
     """Accuracy and macro-F1 (multi-label: exact-set accuracy and macro-F1 over labels)."""
     if not targets:

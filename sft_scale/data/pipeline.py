@@ -137,7 +137,7 @@ def label_names(ds, cfg: Config) -> list[str]:
     return sorted(seen)
 
 
-def _label_index(label, names: list[str], multi: bool, binary: bool, where: str = ""):
+def _label_index(label, names: list[str], multi: bool, where: str = ""):
     def idx(x):
         if str(x) not in names:
             raise DataError(f"{where}: label {x!r} is not one of the labels {names} (the "
@@ -169,8 +169,7 @@ def encode_dataset(ds, tokenizer, cfg: Config, labels: list[str] | None = None):
 
         def enc(r):
             ex = json.loads(r["example"])
-            ex["label_index"] = _label_index(ex["label"], labels, multi, len(labels) == 2,
-                                             r[SOURCE_COLUMN])
+            ex["label_index"] = _label_index(ex["label"], labels, multi, r[SOURCE_COLUMN])
             return encode_example(tokenizer, ex, d.max_seq_len)
         return ds.map(enc, remove_columns=["example"], num_proc=_procs(cfg, ds),
                       desc="tokenize")
