@@ -16,7 +16,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script, bench/ is on the path but the repo root is not
+if sys.path[0] == str(ROOT / "bench"):
+    # Run as a script: bench/ is first on the path, and its profile.py would shadow the standard
+    # library's (cProfile imports it, under transformers' modeling code); the repo root instead.
+    sys.path[0] = str(ROOT)
 LLAMA_1B = {  # Llama-3.2-1B's shape with a 32k vocabulary: 1.0B parameters
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
