@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if sys.path[0] == str(ROOT / "bench"):
+    # Run as a script: bench/ is first on the path, and its profile.py would shadow the standard
+    # library's (cProfile imports it, under transformers' modeling code); the repo root instead.
+    sys.path[0] = str(ROOT)
 LLAMA_1B = {  # Llama-3.2-1B's shape with a 32k vocabulary: 1.0B parameters
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -30,8 +35,9 @@ CASES = {
 def main() -> None:
     import torch
 
+    from bench.plan_measure import measure_peak_cuda
     from sft_scale.config import load_config
-    from sft_scale.preflight.plan import GiB, estimate, measure_peak_cuda
+    from sft_scale.preflight.plan import GiB, estimate
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="plan_gpu.md")

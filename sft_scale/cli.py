@@ -109,7 +109,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sft_scale.demo import run_demo
+    from sft_scale.demo.run import run_demo
 
     report = run_demo(args.output_dir, args.overrides)
     return 0 if report["after"] > report["before"] else 1

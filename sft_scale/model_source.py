@@ -17,9 +17,10 @@ from pathlib import Path
 
 from huggingface_hub import model_info, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-from transformers import AutoConfig, PretrainedConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sft_scale.config import Config
+from sft_scale.demo.data import make_examples, pretraining_corpus
 from sft_scale.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
@@ -91,7 +92,8 @@ def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:
 
 
 def build_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    # torch and transformers load in the builders only: slurm.py imports this module, and the
+    # CLI imports slurm.py to build its parser (start-up time of every command, login nodes).
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -108,10 +110,8 @@ def build_tokenizer(corpus: list[str]):
 
 
 def build_tiny_llama(target: Path, pretrain_steps: int = 150) -> None:
-    import torch
+    import torch  # see build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sft_scale.demo.data import make_examples, pretraining_corpus
 
     corpus = pretraining_corpus()
     train, _ = make_examples()
@@ -145,7 +145,7 @@ def build_tiny_llama(target: Path, pretrain_steps: int = 150) -> None:
 
 def _pretrain(model, tokenizer, corpus: list[str], steps: int, gen) -> None:
     """A few seconds of next-token training on unlabelled text; full precision, one process."""
-    import torch
+    import torch  # see build_tokenizer
 
     ids = [[tokenizer.bos_token_id] + tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
            for t in corpus]
@@ -170,11 +170,13 @@ def _pretrain(model, tokenizer, corpus: list[str], steps: int, gen) -> None:
 
 
 def read_model_config(cfg: Config, path: str | None = None,
-                      required: bool = False) -> PretrainedConfig | None:
+                      required: bool = False):
     """The model's transformers config (no weights): the one place a run reads its config.json.
     None when transformers cannot read it here (training then leaves the model class to
     from_pretrained), or with `required` (planning needs the shapes) a ConfigError saying how to
     point at a config.json."""
+    from transformers import AutoConfig  # see build_tokenizer
+
     name = cfg.model.name_or_path
     if path is None:
         try:

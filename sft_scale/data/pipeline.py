@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
+import datasets
 from jinja2.exceptions import TemplateError
 
 from sft_scale.config import Config, ConfigError, DatasetSource
@@ -66,8 +67,6 @@ def load_examples(sources: list[DatasetSource], cfg: Config):
 def sample_examples(sources: list[DatasetSource], cfg: Config, per_source: int | None):
     """(canonical examples, record count of the whole mix): with `per_source`, only a seeded
     random sample of that many records of each source is formatted (`sft-scale check`)."""
-    import datasets
-
     parts, total = [], 0
     for i, src in enumerate(sources):
         ds = load_source(src)
@@ -138,7 +137,7 @@ def label_names(ds, cfg: Config) -> list[str]:
     return sorted(seen)
 
 
-def _label_index(label, names: list[str], multi: bool, binary: bool, where: str = ""):
+def _label_index(label, names: list[str], multi: bool, where: str = ""):
     def idx(x):
         if str(x) not in names:
             raise DataError(f"{where}: label {x!r} is not one of the labels {names} (the "
@@ -170,8 +169,7 @@ def encode_dataset(ds, tokenizer, cfg: Config, labels: list[str] | None = None):
 
         def enc(r):
             ex = json.loads(r["example"])
-            ex["label_index"] = _label_index(ex["label"], labels, multi, len(labels) == 2,
-                                             r[SOURCE_COLUMN])
+            ex["label_index"] = _label_index(ex["label"], labels, multi, r[SOURCE_COLUMN])
             return encode_example(tokenizer, ex, d.max_seq_len)
         return ds.map(enc, remove_columns=["example"], num_proc=_procs(cfg, ds),
                       desc="tokenize")

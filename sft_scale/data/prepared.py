@@ -24,6 +24,8 @@ import os
 import shutil
 from pathlib import Path
 
+import datasets
+
 from sft_scale.config import Config, ConfigError
 from sft_scale.data.pipeline import DataStats, build_datasets, eval_sources, train_sources
 from sft_scale.training.rundir import atomic_write_json
@@ -106,8 +108,6 @@ def differences(saved: dict, current: dict) -> list[str]:
 def prepare(cfg: Config, tokenizer, force: bool = False) -> tuple[Path, DataStats, bool]:
     """Tokenize the config's data into prepared_dir(cfg). Returns (folder, stats, written);
     written is False when the folder was already up to date (and `force` is off)."""
-    import datasets
-
     out = prepared_dir(cfg)
     fp = fingerprint(cfg, tokenizer)
     if (out / MANIFEST).is_file() and not force:
@@ -147,8 +147,6 @@ def find_prepared(cfg: Config) -> Path | None:
 def load_prepared(path: Path, cfg: Config, tokenizer):
     """(train, eval or None, stats) from a prepared folder whose fingerprint matches `cfg` and
     `tokenizer`; ConfigError naming what changed otherwise."""
-    import datasets
-
     saved = json.loads((path / MANIFEST).read_text())
     changed = differences(saved["fingerprint"], fingerprint(cfg, tokenizer))
     if changed:

@@ -8,6 +8,9 @@ from sft_scale.data.collate import collate, collate_packed, padding_stats
 from sft_scale.data.pipeline import build_datasets
 from sft_scale.data.sampler import GlobalBatchSampler
 from sft_scale.data.tokenize import IGNORE_INDEX
+from sft_scale.preflight.command import Layout
+from sft_scale.preflight.resolve import resolve
+from sft_scale.training.model import load_tokenizer
 
 OPEN, CLOSE = "«", "»"  # around trained tokens
 
@@ -50,10 +53,6 @@ def padding_efficiency(cfg: Config, dataset, packing: bool, world_size: int = 1,
 
 
 def preview(cfg: Config, n: int = 3) -> dict:
-    from sft_scale.preflight.command import Layout
-    from sft_scale.preflight.resolve import resolve
-    from sft_scale.training.model import load_tokenizer
-
     packing = resolve(cfg, Layout.for_config(cfg)).fast.packing  # what data.packing: auto means
     tokenizer = load_tokenizer(cfg)
     train, _eval, stats = build_datasets(cfg, tokenizer)

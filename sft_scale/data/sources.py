@@ -7,6 +7,9 @@ import json
 import random
 from pathlib import Path
 
+import datasets
+from datasets.exceptions import DatasetGenerationError
+
 from sft_scale.config import DatasetSource
 from sft_scale.errors import DataError  # noqa: F401  (re-exported)
 
@@ -20,8 +23,6 @@ def load_source(src: DatasetSource):
 
 
 def _load(src: DatasetSource):
-    import datasets
-
     p = Path(src.path)
     if p.is_dir():
         try:
@@ -76,9 +77,6 @@ MAX_DEPTH = 60
 
 
 def _load_file(kind: str, p: Path):
-    import datasets
-    from datasets.exceptions import DatasetGenerationError
-
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train")
     except DatasetGenerationError as e:

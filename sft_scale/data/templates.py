@@ -245,14 +245,3 @@ def special_tokens(tokenizer) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
     return ids
-
-
-def starts_with_bos(tokenizer, template: str) -> bool:
-    """Whether conversations rendered by `template` begin with the tokenizer's BOS token."""
-    if tokenizer.bos_token is None:
-        return False
-    try:
-        text = render(tokenizer, template, [{"role": "user", "content": "Hi"}], True)
-    except Exception:
-        return False
-    return text.startswith(tokenizer.bos_token)

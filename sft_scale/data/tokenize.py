@@ -23,11 +23,6 @@ def _bos(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
-def encode_prompt_answer(tokenizer, prompt: str, answer: str, max_seq_len: int) -> dict:
-    return encode_example(tokenizer, {"kind": "completion", "prompt": prompt,
-                                      "completion": answer}, max_seq_len)
-
-
 def encode_example(tokenizer, ex: dict, max_seq_len: int, template: str | None = None,
                    train_on_inputs: bool = False, truncation: str = "truncate") -> dict:
     if ex["kind"] == "completion":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 SUBJECTS = [
@@ -30,7 +31,7 @@ TEMPLATES = [
 PROMPT = "Review: {text}\nSentiment:"
 
 
-def _review(rng: random.Random, label: str, pairs: list[tuple[str, str]]) -> str:
+def _review(rng: random.Random, pairs: list[tuple[str, str]]) -> str:
     s, a = rng.choice(pairs)
     s2, a2 = rng.choice(pairs)
     return rng.choice(TEMPLATES).format(s=s, a=a, s2=s2, a2=a2)
@@ -50,7 +51,7 @@ def make_examples(seed: int = 0, n_train: int = 600, n_eval: int = 100) -> tuple
         out = []
         for i in range(n):
             lab = "positive" if i % 2 == 0 else "negative"
-            text = _review(rng, lab, splits[split][lab])
+            text = _review(rng, splits[split][lab])
             out.append({"prompt": PROMPT.format(text=text), "answer": " " + lab})
         rng.shuffle(out)
         return out
@@ -68,7 +69,7 @@ def pretraining_corpus(seed: int = 1, n: int = 1500) -> list[str]:
     for i in range(n):
         mood, adjs = (("happy", POSITIVE) if i % 2 == 0 else ("unhappy", NEGATIVE))
         pairs = [(s, a) for s in SUBJECTS for a in adjs]
-        corpus.append(f"{_review(rng, '', pairs)} so we were {mood}")
+        corpus.append(f"{_review(rng, pairs)} so we were {mood}")
     for _ in range(n // 3):
         s, a = rng.choice([(s, a) for s in SUBJECTS for a in POSITIVE + NEGATIVE])
         corpus.append(f"{s} was {a} and it left a {rng.choice(['positive', 'negative'])} note")
@@ -94,7 +95,6 @@ def classification_examples(seed: int = 2) -> tuple[list, list]:
 
 
 def main() -> None:  # python -m sft_scale.demo.data [OUT_DIR] regenerates the shipped files
-    import sys
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "sft_scale/assets")
     train, ev = make_examples()
     write_jsonl(train, out / "demo_train.jsonl")

@@ -9,15 +9,9 @@ decoder layer. Causal LMs only: the logits term assumes a vocabulary-sized outpu
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from transformers import AutoConfig, PretrainedConfig
 
 from sft_scale.errors import ConfigError
 from sft_scale.model_source import read_model_config
@@ -35,6 +29,27 @@ VARIANTS = ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)
 COMM_TIER = {(0, False): 0, (1, False): 0, (2, False): 0, (2, True): 1, (3, False): 2,
              (3, True): 3}
 _SHAPES: dict[str, ModelShape] = {}
+
+# What the chunked loss (training/loss.py) needs from a model, here where planning reads it
+# without importing the training stack (torch, peft).
+# fp32 logits per chunk: rows x vocab x 4 bytes stays near 256 MB whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 26
+
+# Config attributes of models whose forward post-processes the LM head's output (soft-capping,
+# scaling): the chunked/liger paths apply the bare head and would compute another loss.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                         "output_multiplier_scale", "mup_width_multiplier")
+
+
+def chunked_unsupported(model_config) -> str | None:
+    """Why the chunked/liger loss would be wrong for this model (None: it is right)."""
+    for attr in _LOGIT_POSTPROCESSING:
+        value = getattr(model_config, attr, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return f"the model post-processes its logits ({attr}={value})"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    return None
 
 
 @dataclass
@@ -62,6 +77,11 @@ class ModelShape:
 
 
 def _model_config(src):
+    # torch and transformers load in the functions that build the model only: slurm.py imports
+    # this module, and the CLI imports slurm.py to build its parser (start-up time of every
+    # command, on login nodes).
+    from transformers import AutoConfig, PretrainedConfig
+
     if isinstance(src, PretrainedConfig):
         return src
     if isinstance(src, (str, Path)):
@@ -79,11 +99,9 @@ def model_shape(src) -> ModelShape:
 
 
 def _build_shape(mc) -> ModelShape:
-    import torch
+    import torch  # see _model_config
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from sft_scale.training.loss import chunked_unsupported
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(mc)
@@ -127,8 +145,6 @@ def lora_targets(shape: ModelShape, target_modules) -> list[str]:
     else:
         found = [n for n in names if any(matches_module(n, t) for t in target_modules)]
     if not found:
-        from sft_scale.config import ConfigError
-
         raise ConfigError(f"lora.target_modules={target_modules!r} matches no Linear layer; "
                           f"this model has {sorted({n.rsplit('.', 1)[-1] for n in names})} "
                           "(or use 'all-linear')")
@@ -254,11 +270,9 @@ def activation_bytes(cfg, shape: ModelShape, micro: int, loss: str = "standard")
         # more vocabulary-sized fp32 tensors (the gradients of the loss and of the log-softmax).
         logits = tokens * shape.vocab_size * 12
     else:
-        # One chunk of fp32 logits, log-softmax and gradient at a time (training/loss.py), plus the
-        # selected hidden states and their fp32 gradient, kept for backward (an upper bound: only
-        # trained positions are selected).
-        from sft_scale.training.loss import CHUNK_ELEMENTS
-
+        # One chunk of fp32 logits, log-softmax and gradient at a time (training/loss.py), plus
+        # the selected hidden states and their fp32 gradient, kept for backward (an upper bound:
+        # only trained positions are selected).
         rows = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab_size))
         logits = rows * shape.vocab_size * 12 + tokens * h * (4 + ab)
     if cfg.training.gradient_checkpointing:
@@ -424,123 +438,7 @@ def parse_size(text: str) -> int:
     """'80GiB', '80G' (GiB, as nvidia-smi reports), '80GB' (10^9), '81920MiB' -> bytes."""
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ConfigError(f"not a memory size: {text!r}; write e.g. 80GiB")
+        raise ValueError(f"not a memory size: {text!r}; write e.g. 80GiB")
     power = " KMGT".index((m.group(2) or " ").upper())
     base = 1000 if m.group(3).upper() == "B" else 1024
     return int(float(m.group(1)) * base ** power)
-
-
-def measure_peak_cpu(cfg, micro_batches: list[int] | None = None, steps: int = 2) -> list[dict]:
-    """For each micro-batch (default: the config's), ascending, `steps` AdamW steps (two, so
-    optimizer states exist during a forward) on random full-length rows, in one fresh CPU
-    process, the model built from its config (random init). Returns per micro-batch, in bytes:
-    the RSS before the model, the peak, and the increase (compare to estimate(overhead_bytes=0))."""
-    from sft_scale.model_source import resolve_model_path
-
-    job = {"config": cfg.to_dict(), "model": resolve_model_path(cfg.model.name_or_path),
-           "micro": sorted(micro_batches or [cfg.training.micro_batch_size]), "steps": steps}
-    code = "import sft_scale.preflight.plan as p; p._measure_child()"
-    # A fixed mmap threshold hands every freed tensor back to the OS, so peak RSS follows live
-    # bytes (as a GPU allocator's high-water mark does) instead of glibc's heap fragmentation.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), text=True,
-                         capture_output=True, check=False, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"measurement failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def _measure_child() -> None:
-    import contextlib
-    import gc
-    import importlib
-
-    import torch
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from sft_scale.config import config_from_dict
-
-    job = json.loads(sys.stdin.read())
-    cfg = config_from_dict(job["config"])
-    mc = AutoConfig.from_pretrained(job["model"])
-    # Code and one-off buffers are not training memory: import everything and train one tiny
-    # step before any baseline.
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(mc)]
-    if cfg.lora.enabled:
-        importlib.import_module("peft")
-    _train(cfg, mc, 1, 1)
-    results = []
-    for micro in job["micro"]:
-        gc.collect()
-        torch.manual_seed(0)
-        # Linux resets the peak RSS (VmHWM) to the current RSS on "5". Where that is refused
-        # the peak only grows, which still reads right: micro-batches run in ascending order.
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
-        base = _status_kib("VmRSS") * 1024
-        _train(cfg, mc, micro, job["steps"])
-        peak = _status_kib("VmHWM") * 1024
-        results.append({"micro_batch": micro, "baseline": base, "peak": peak,
-                        "increase": peak - base})
-    print(json.dumps(results))
-
-
-def measure_peak_cuda(cfg, micro_batches: list[int] | None = None, steps: int = 2) -> list[dict]:
-    """measure_peak_cpu's GPU twin, in this process: per micro-batch, the allocator's high-water
-    mark (torch.cuda.max_memory_allocated) above what was allocated before the model."""
-    import gc
-
-    import torch
-    from transformers import AutoConfig
-
-    from sft_scale.model_source import resolve_model_path
-
-    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path))
-    results = []
-    for micro in sorted(micro_batches or [cfg.training.micro_batch_size]):
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _train(cfg, mc, micro, steps, device="cuda")
-        peak = torch.cuda.max_memory_allocated()
-        results.append({"micro_batch": micro, "baseline": base, "peak": peak,
-                        "increase": peak - base})
-    return results
-
-
-def _train(cfg, mc, micro: int, steps: int, device: str = "cpu") -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from sft_scale.training.attention import resolve_attn_implementation
-    from sft_scale.training.loss import summed_loss
-    from sft_scale.training.model import DTYPES, wrap_lora
-
-    dtype = DTYPES[cfg.model.dtype]
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(mc, dtype=None if dtype == "auto" else dtype,
-                                                 attn_implementation=resolve_attn_implementation(cfg))
-    model.config.use_cache = False
-    if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora.enabled:
-            model.enable_input_require_grads()
-    if cfg.lora.enabled:
-        model = wrap_lora(model, cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(mc.vocab_size, (micro, cfg.data.max_seq_len), device=device)
-    kind = loss_kind(cfg, model_shape(mc), None)
-    for _ in range(steps):
-        if kind == "standard":
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        else:  # training's chunked loss (Liger plans the same)
-            summed_loss(model, {"input_ids": ids, "labels": ids}, kind).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)

@@ -10,13 +10,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sft_scale.config import Config, ConfigError, config_from_dict
 from sft_scale.model_source import resolve_model_path
 from sft_scale.tools.gguf_export import export_gguf
 from sft_scale.tools.merge import check_output, merge
 from sft_scale.training.checkpoint import latest_good_checkpoint, verify, weights_only_loads
-from sft_scale.training.model import load_tokenizer
+from sft_scale.training.model import load_tokenizer, resize_for_added_tokens, wrap_lora
 from sft_scale.training.rundir import atomic_dir
 
 
@@ -33,21 +37,17 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if ds_tag.is_dir():
         # DeepSpeed's own consolidation of (possibly ZeRO-3-partitioned) weights. It asks
         # torch.load for full unpickling; weights_only_loads overrides that, so a tampered file
-        # is refused instead of run.
+        # is refused instead of run. (DeepSpeed imported here: see checkpoint.safe_globals.)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with weights_only_loads(ckpt):
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
                                                           exclude_frozen_parameters=True)
     else:
-        from safetensors.torch import load_file
         sd = load_file(str(ckpt / "model.safetensors"))
     return {k.removeprefix("module."): v.float() for k, v in sd.items()}
 
 
 def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: bool = False) -> Path:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     run, out_path = Path(run_dir), Path(out)
     cfg = run_config(run)
     base = resolve_model_path(cfg.model.name_or_path)
@@ -70,10 +70,6 @@ def export(run_dir: str, out: str, checkpoint: str | None = None, overwrite: boo
 
     with atomic_dir(out_path) as tmp:
         if cfg.lora.enabled:
-            from peft import get_peft_model_state_dict
-            from safetensors.torch import save_file
-
-            from sft_scale.training.model import resize_for_added_tokens, wrap_lora
             # The module structure is all PEFT needs to name the adapter's tensors: meta device.
             with init_empty_weights():
                 skeleton = AutoModelForCausalLM.from_config(model_config)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from sft_scale.data import load_examples
+from sft_scale.data.templates import render, resolve_template
+from sft_scale.model_source import resolve_model_path
+from sft_scale.training.model import bnb_config, load_tokenizer
 
 
 def _normalise(text: str) -> str:
@@ -83,11 +92,6 @@ def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: i
 def generation_records(cfg, tokenizer, sources) -> list[dict]:
     """Held-out (prompt, answer) pairs from any format: completions as they are; chats up to
     their last assistant turn, rendered with the chat template's generation prompt."""
-    import json
-
-    from sft_scale.data import load_examples
-    from sft_scale.data.templates import render, resolve_template
-
     template = resolve_template(tokenizer, cfg.data.chat_template)
     out = []
     for raw in load_examples(sources, cfg)["example"]:
@@ -108,13 +112,6 @@ def eval_before_after(cfg, adapter_dir: str | None, sources) -> dict:
     """Generation metrics of the base, and of base+adapter, loaded the plain peft way; the base
     quantized as training had it (quantization.*), so a QLoRA adapter is measured on the model
     it was trained with."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from sft_scale.model_source import resolve_model_path
-    from sft_scale.training.model import bnb_config, load_tokenizer
-
     tokenizer = load_tokenizer(cfg)
     records = generation_records(cfg, tokenizer, sources)
     quant = bnb_config(cfg)

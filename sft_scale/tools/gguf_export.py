@@ -194,7 +194,7 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16",
 
 def read_metadata(gguf_path: Path) -> dict:
     """The GGUF's key/value metadata (arrays of tokens included) through the `gguf` reader."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # 0.3 s with numpy: not at CLI start (cli imports this module)
 
     reader = GGUFReader(str(gguf_path))
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -370,7 +370,9 @@ def _sentencepiece_agrees(model_dir: Path, cpp: LlamaCpp, tokenizer, texts: list
     path = model_dir / "tokenizer.model"
     if not path.is_file() or not texts:
         return []
-    import sentencepiece  # only for SentencePiece models
+    # Not at the top: the CLI imports this module, and it must start (and model.open_tokenizer
+    # name the missing package) where sentencepiece is missing.
+    import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     bos = tokenizer("a")["input_ids"][:1] if tokenizer.bos_token_id is not None else []

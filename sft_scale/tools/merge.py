@@ -22,10 +22,22 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+)
+from transformers.utils.hub import convert_file_size_to_int
 
+from sft_scale.config import config_from_dict
 from sft_scale.errors import ConfigError, MergeError
 from sft_scale.model_source import resolve_model_path
-from sft_scale.training.model import open_tokenizer
+from sft_scale.training.model import bnb_config, open_tokenizer
 from sft_scale.training.rundir import atomic_dir
 from sft_scale.training.serving import (
     copy_vocab_files,
@@ -75,8 +87,6 @@ def check_output(out: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
 
 
 def check_shard_size(max_shard_size: str) -> None:
-    from transformers.utils.hub import convert_file_size_to_int
-
     try:
         ok = convert_file_size_to_int(max_shard_size) > 0
     except (ValueError, TypeError):
@@ -104,9 +114,6 @@ def check_disk(out: Path, need_bytes: int) -> None:
 
 def param_count(base: str) -> int:
     """Parameters of the base from its config alone (meta device, no weights)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     return sum(p.numel() for p in model.parameters())
@@ -141,8 +148,6 @@ def _logits_and_greedy(model, inputs, tokenizer, generate: bool = True
 def training_config(adapter: Path):
     """The Config the run that wrote `adapter` trained with (its manifest.json), or None when the
     adapter does not sit in a run folder."""
-    from sft_scale.config import config_from_dict
-
     manifest = adapter.parent / "manifest.json"
     if not manifest.is_file():
         return None
@@ -163,10 +168,6 @@ def quantization_name(cfg) -> str | None:
 def load_dequantized_base(base_path: str, train_cfg, dtype: str):
     """The base as training saw it: quantized exactly as the run did, then each quantized Linear
     replaced by a plain one holding the dequantized weights (transformers' dequantize)."""
-    from transformers import AutoModelForCausalLM
-
-    from sft_scale.training.model import bnb_config
-
     model = AutoModelForCausalLM.from_pretrained(
         base_path, dtype=DTYPES[dtype], use_safetensors=True,
         quantization_config=bnb_config(train_cfg), device_map={"": "cpu"})
@@ -176,8 +177,6 @@ def load_dequantized_base(base_path: str, train_cfg, dtype: str):
 @torch.no_grad()
 def probe_shift(model, probe_file: Path) -> dict | None:
     """The merged model's logits on the run's probe batch vs the logits training produced."""
-    from safetensors.torch import load_file
-
     if not probe_file.is_file():
         return None
     probe = load_file(str(probe_file))
@@ -196,16 +195,12 @@ def probe_shift(model, probe_file: Path) -> dict | None:
 
 
 def _model_class(classifier: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     return AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
 
 
 def _classifier_head(adapter: Path, tokenizer) -> dict:
     """The head a classification adapter was trained with (PEFT saves it with the adapter as
     `...score.weight`): its size, and its label names from the run's manifest when present."""
-    from safetensors import safe_open
-
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         heads = [k for k in f.keys() if k.endswith(("score.weight", "classifier.weight"))]
         if not heads:
@@ -229,8 +224,6 @@ def _classifier_head(adapter: Path, tokenizer) -> dict:
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp32",
           max_shard_size: str = "5GB", overwrite: bool = False,
           dequantize: bool = False) -> dict:
-    from peft import PeftModel
-
     adapter, out_path = Path(adapter_dir), Path(out)
     check_shard_size(max_shard_size)
     acfg = read_adapter(adapter)
@@ -344,8 +337,6 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str = "fp3
 def _generation_config(adapter: Path, base_config, tokenizer):
     """The adapter's generation config (training wrote it: EOS plus the chat template's end of
     turn), else the base's with the end-of-turn token of the tokenizer's template added."""
-    from transformers import GenerationConfig
-
     if (adapter / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(adapter)
     gen = copy.deepcopy(base_config)

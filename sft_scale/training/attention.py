@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 
 import torch
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sft_scale import optional
+from sft_scale.errors import ConfigError
 
 PACKED_SDPA = "sft_scale_packed_sdpa"
 
 # Set while sft_scale runs a forward on a packed batch that carries cu_seq_lens: transformers'
 # mask builder is then told not to materialise the [L, L] block-diagonal mask nobody will read.
 _PACKED_FORWARD = contextvars.ContextVar("sft_scale_packed_forward", default=False)
-
-
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def resolve_attn_implementation(cfg, model_config=None) -> str:
@@ -43,19 +44,15 @@ def resolve_attn_implementation(cfg, model_config=None) -> str:
     model runs in bf16/fp16 (flash-attention has no fp32 kernels); otherwise sdpa, or eager for
     models whose attention SDPA cannot compute (Gemma-2's logit soft-capping).
     """
-    from sft_scale.config import ConfigError
-
     impl = cfg.model.attn_implementation
     half = cfg.model.dtype in ("bf16", "fp16")
     if impl == "auto":
-        if flash_attn_installed() and torch.cuda.is_available() and half:
+        if optional.is_available("flash_attn") and torch.cuda.is_available() and half:
             return "flash_attention_2"
         return "sdpa" if _supports_sdpa(model_config) else "eager"
     if impl == "flash_attention_2":
-        if not flash_attn_installed():
-            raise ConfigError("'model.attn_implementation: flash_attention_2' needs the flash_attn "
-                              "package, which is not installed. Install it (pip install "
-                              "flash-attn, on a CUDA machine) or use 'auto' or 'sdpa'.")
+        optional.require("flash_attn", "'model.attn_implementation: flash_attention_2'",
+                         "'auto' or 'sdpa'")
         if not torch.cuda.is_available():
             raise ConfigError("'model.attn_implementation: flash_attention_2' needs a CUDA GPU; "
                               "none is visible. Use 'auto' or 'sdpa'.")
@@ -69,8 +66,6 @@ def resolve_attn_implementation(cfg, model_config=None) -> str:
 def _supports_sdpa(model_config) -> bool:
     """transformers' own flag on the model class (config only, no weights); True when the
     class cannot be known here (transformers then decides at load)."""
-    from transformers import AutoModelForCausalLM
-
     try:
         cls = AutoModelForCausalLM._model_mapping[type(model_config)]
     except (KeyError, ValueError):
@@ -98,8 +93,6 @@ def packed_forward(batch: dict):
 
 def packed_sdpa_mask(*args, **kwargs):
     """transformers' SDPA mask, except for a packed row of ours: no [L, L] mask (None)."""
-    from transformers.masking_utils import sdpa_mask
-
     if _PACKED_FORWARD.get() and kwargs.get("attention_mask") is None:
         return None
     return sdpa_mask(*args, **kwargs)
@@ -112,8 +105,6 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask,
     query: [1, heads, L, head_dim]; key/value: [1, kv_heads, L, head_dim]. Returns
     ([1, L, heads, head_dim], None) like transformers' sdpa_attention_forward.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (cu_seq_lens_q is None or max_length_q is None or attention_mask is not None
             or query.shape[0] != 1 or key.shape[2] != query.shape[2]
             or kwargs.get("is_causal", getattr(module, "is_causal", True)) is False):
@@ -168,9 +159,6 @@ def register_packed_sdpa() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
     AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
     _registered = True

@@ -19,14 +19,16 @@ import os
 import pickle
 import shutil
 import time
+from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-from sft_scale.config import Config, ConfigError
+from sft_scale.config import Config, ConfigError, dump_yaml
 from sft_scale.errors import CheckpointError  # noqa: F401  (re-exported)
 from sft_scale.training.rundir import atomic_write_json
 
@@ -51,8 +53,6 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def run_identity(cfg: Config, world_size: int, zero_stage: int | None) -> dict:
     """What a checkpoint must agree with to be resumed."""
-    from sft_scale.config import dump_yaml
-
     return {"model": cfg.model.name_or_path, "lora": cfg.lora.enabled and {
                 "r": cfg.lora.r, "target_modules": cfg.lora.target_modules,
                 "modules_to_save": cfg.lora.modules_to_save},
@@ -164,8 +164,6 @@ def data_fingerprint(dataset) -> str:
     """sha256 of what training reads (token ids, labels) in dataset order, from the Arrow
     buffers: any change of file, tokenizer, template or mixing shows. Lengths and values are
     hashed as two streams, so how Arrow happens to chunk the table does not matter."""
-    import pyarrow.compute as pc
-
     h = hashlib.sha256()
     table = dataset.data.table
     for name in ("input_ids", "labels", "label"):
@@ -195,14 +193,14 @@ def safe_globals() -> list:
     """What a checkpoint written by Accelerate or DeepSpeed may reference besides tensors and
     plain containers (torch's own weights_only allow-list): numpy RNG state, and DeepSpeed's
     loss scaler, ZeRO stage enum and fragment addresses. Data classes only; no callables."""
-    out = list(TORCH_SAFE_GLOBALS)
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:  # no DeepSpeed, no DeepSpeed checkpoints
-        return out
-    return out + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    # DeepSpeed is imported where it is used, not at the top: its import probes for an
+    # accelerator (a warning on CPU), a cost only runs that load a checkpoint should pay.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return list(TORCH_SAFE_GLOBALS) + [LossScaler, DynamicLossScaler, ZeroStageEnum,
+                                       fragment_address]
 
 
 @contextmanager
@@ -533,8 +531,6 @@ def to_universal(accelerator, path: Path) -> Path:
     done = out / MARKER
     error = None
     if accelerator.is_main_process and not done.is_file():
-        from argparse import Namespace
-
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         tmp = Path(path) / f".{UNIVERSAL}-tmp"

@@ -7,6 +7,8 @@ import socket
 from datetime import timedelta
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from sft_scale.config import Config
 
@@ -17,9 +19,6 @@ def world_size_from_env() -> int:
 
 def make_accelerator(cfg: Config, ds_config: dict | None = None):
     """`ds_config`: a resolved DeepSpeed dict (no "auto" left) to run under DeepSpeed, or None."""
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
-
     cpu, plugin = False, None
     no_gpu = not torch.cuda.is_available()
     # One timeout for every collective (torch.distributed, and DeepSpeed's init_distributed, which

@@ -34,56 +34,31 @@ forward. Under ZeRO-3 `auto` resolves to standard, and an explicit chunked/liger
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import weakref
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 
+from sft_scale import optional
 from sft_scale.data.tokenize import IGNORE_INDEX
 from sft_scale.errors import ConfigError
+from sft_scale.preflight.plan import CHUNK_ELEMENTS, chunked_unsupported
 
 log = logging.getLogger(__name__)
 
-# fp32 logits per chunk: rows x vocab x 4 bytes stays near 256 MB whatever the vocabulary.
-CHUNK_ELEMENTS = 1 << 26
-
-# Config attributes of models whose forward post-processes the LM head's output (soft-capping,
-# scaling): the chunked/liger paths apply the bare head and would compute another loss.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                         "output_multiplier_scale", "mup_width_multiplier")
-
-
-def liger_installed() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def chunked_unsupported(model_config) -> str | None:
-    """Why the chunked/liger loss would be wrong for this model (None: it is right)."""
-    for attr in _LOGIT_POSTPROCESSING:
-        value = getattr(model_config, attr, None)
-        if value not in (None, 0, 1, 1.0, False):
-            return f"the model post-processes its logits ({attr}={value})"
-    if getattr(model_config, "is_encoder_decoder", False):
-        return "encoder-decoder models are not supported"
-    return None
-
-
 def resolve_loss(cfg, model_config=None, zero_stage: int | None = None) -> tuple[str, str]:
     """(standard | chunked | liger, why) for `training.loss`; ConfigError when impossible."""
-    from sft_scale.config import ConfigError
-
     choice = cfg.training.loss
     if cfg.task != "causal_lm":
         return "standard", "classification heads have no vocabulary-sized logits"
     cuda = torch.cuda.is_available()
     why_not = chunked_unsupported(model_config) if model_config is not None else None
     if choice == "liger":
-        if not liger_installed():
-            raise ConfigError("'training.loss: liger' needs the liger-kernel package, which is "
-                              "not installed (pip install liger-kernel, on a CUDA machine). Use "
-                              "'auto' or 'chunked'.")
+        optional.require("liger_kernel", "'training.loss: liger'", "'auto' or 'chunked'")
         if not cuda:
             raise ConfigError("'training.loss: liger' needs CUDA (Liger's kernels are Triton); "
                               "no GPU is visible. Use 'auto' or 'chunked', which runs on CPU.")
@@ -102,7 +77,7 @@ def resolve_loss(cfg, model_config=None, zero_stage: int | None = None) -> tuple
         return "standard", "auto under DeepSpeed ZeRO-3"
     if why_not:
         return "standard", f"auto: {why_not}"
-    if liger_installed() and cuda:
+    if optional.is_available("liger_kernel") and cuda:
         return "liger", "auto: liger-kernel installed and CUDA available"
     return "chunked", "auto: logits for trained tokens only, in chunks"
 
@@ -123,13 +98,7 @@ def causal_lm_parts(model):
 
 
 def _causal_lm_parts(model):
-    from accelerate.utils import extract_model_from_parallel
-
     inner = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()
     if isinstance(inner, PeftModel):
         inner = inner.get_base_model()  # LoRA layers are injected in place: the real forward
     head = inner.get_output_embeddings()
@@ -252,8 +221,6 @@ def chunked_cross_entropy(head, h: torch.Tensor, y: torch.Tensor,
             return _LinearCrossEntropy.apply(h, linear.weight, linear.bias, y, rows)
         return sum(_chunk_ce(linear, h[s:s + rows], y[s:s + rows])
                    for s in range(0, h.shape[0], rows))
-    from torch.utils.checkpoint import checkpoint
-
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], rows):
         hc, yc = h[s:s + rows], y[s:s + rows]
@@ -263,6 +230,7 @@ def chunked_cross_entropy(head, h: torch.Tensor, y: torch.Tensor,
 
 
 def liger_cross_entropy(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # optional (sft_scale.optional): resolve_loss picked liger only where it is installed
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     linear = plain_linear(head)

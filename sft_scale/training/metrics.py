@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from sft_scale import optional
 
 log = logging.getLogger(__name__)
 
@@ -14,11 +22,6 @@ def peak_memory_mb(device) -> float:
     """This process's memory high-water mark so far, in MiB: on a GPU what PyTorch allocated
     (torch.cuda.max_memory_allocated, what the planner estimates), on CPU the peak resident set
     (ru_maxrss, which includes the interpreter and libraries)."""
-    import resource
-    import sys
-
-    import torch
-
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -33,15 +36,14 @@ class MetricsWriter:
         self.tb = None
         self.wandb = None
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(tensorboard_dir))
         if wandb_config is not None:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("logging.wandb is on but wandb is not installed; skipping it")
-            else:
+            if optional.is_available("wandb"):
+                import wandb  # optional (sft_scale.optional)
+
                 self.wandb = wandb.init(config=wandb_config, resume="allow")
+            else:
+                log.warning("logging.wandb is on but wandb is not installed; skipping it")
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -72,14 +74,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(metrics_path: Path, out_png: Path) -> None:
     """loss.png: the training loss per step and the eval loss where it was measured."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))  # no pyplot: no GUI backend, no global figure to close
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
@@ -91,4 +90,3 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)

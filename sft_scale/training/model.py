@@ -7,9 +7,18 @@ import logging
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
+from sft_scale import optional
 from sft_scale.config import Config, ConfigError
 from sft_scale.model_source import resolve_model_path
+from sft_scale.training.attention import attention_for_load
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +68,6 @@ def quant_storage_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype:
 
 def bnb_config(cfg: Config, zero_stage: int | None = None):
     """The BitsAndBytesConfig for `cfg.quantization`, or None when the base is not quantized."""
-    from transformers import BitsAndBytesConfig
-
     q = cfg.quantization
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.llm_int8_threshold)
@@ -77,27 +84,17 @@ def open_tokenizer(path: str, **kwargs):
     """AutoTokenizer.from_pretrained, with a clear error where a SentencePiece-only tokenizer
     (tokenizer.model, no tokenizer.json) meets a machine without sentencepiece: transformers
     then falls through to its tiktoken reader and says "`tiktoken` is required"."""
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (ValueError, ImportError, OSError) as e:
         folder = Path(path)
         if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file() \
-                and not _has_sentencepiece():
+                and not optional.is_available("sentencepiece"):
             raise ConfigError(f"{folder / 'tokenizer.model'}: a SentencePiece tokenizer, and the "
                               "sentencepiece package is not installed; install it with "
                               "`pip install sentencepiece protobuf` (sft_scale depends on both)"
                               ) from e
         raise
-
-
-def _has_sentencepiece() -> bool:
-    try:
-        import sentencepiece  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def load_model(cfg: Config, resolved, device_index: int | None = None,
@@ -106,10 +103,6 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
     """The model, quantized and wrapped with LoRA as the config says, ready for training: a causal
     LM, or for task: classification a sequence-classification head over `labels`. `resolved`:
     the run's sft_scale.preflight.resolve.Resolved (model path, attention, ZeRO stage)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from sft_scale.training.attention import attention_for_load
-
     path, zero_stage = resolved.model_path, resolved.zero_stage
     kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                   dtype=DTYPES[cfg.model.dtype],
@@ -148,7 +141,6 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
 
     gc = cfg.training.gradient_checkpointing
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -201,8 +193,6 @@ def wrap_lora(model, cfg: Config, token_ids: list[int] | None = None):
     """LoRA as configured. With added tokens only their embedding (and LM head) rows are trained
     and saved (peft trainable_token_indices) rather than whole matrices (modules_to_save on
     embed_tokens/lm_head): for Llama-3-8B that is 2 x 4096 values per token, not 2 x 525M."""
-    from peft import LoraConfig, get_peft_model
-
     lc = cfg.lora
     tokens = trainable_tokens(model, token_ids) if token_ids else None
     if tokens is not None:

@@ -37,8 +37,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
+from safetensors.torch import save_file
 
 from sft_scale.config import Config, ConfigError, dump_yaml
+from sft_scale.data import collate
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -137,8 +140,6 @@ def git_commit() -> str | None:
 
 def attempt_record(accelerator, resumed_from: str | None) -> dict:
     """This attempt's facts (a collective: every rank must call it, for the host list)."""
-    from accelerate.utils import gather_object
-
     hosts = sorted(set(gather_object([socket.gethostname()])))
     return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ended_at": None,
             "ended": "running", "world_size": accelerator.num_processes, "hostnames": hosts,
@@ -330,10 +331,6 @@ def save_model(accelerator, model, serving, cfg: Config, out_dir: Path,
 def save_probe(accelerator, model, dataset, pad_token_id: int, out_dir: Path, n: int = 2) -> None:
     """The trained model's logits on a few training inputs, so any reload (plain peft, merge,
     export) can be checked against what training really ended with."""
-    from safetensors.torch import save_file
-
-    from sft_scale.data import collate
-
     batch = collate([dataset[i] for i in range(min(n, len(dataset)))], pad_token_id)
     model.eval()
     logits = model(input_ids=batch["input_ids"].to(accelerator.device),

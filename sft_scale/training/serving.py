@@ -20,6 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from transformers import GenerationConfig
+
 from sft_scale.data.templates import end_of_turn_tokens
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,6 @@ def local_dir(name_or_path: str) -> Path | None:
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
     try:
-        from huggingface_hub import snapshot_download
         return Path(snapshot_download(name_or_path, local_files_only=True))
     except Exception:  # not cached, or not a hub id: nothing to copy from
         return None
@@ -121,8 +123,6 @@ class Serving:
 def for_training(tokenizer, base_dir: str, template: str | None, bos: bool | None) -> Serving:
     """`template`: the chat template training rendered with (None when no chat was trained);
     `bos`: whether training sequences began with BOS (None when unknown)."""
-    from transformers import GenerationConfig
-
     try:
         gen = GenerationConfig.from_pretrained(base_dir)
     except (OSError, ValueError):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from sft_scale.data import IGNORE_INDEX, collate, collate_packed
+from sft_scale.training.attention import packed_forward
+from sft_scale.training.loss import summed_loss
 
 
 @dataclass
@@ -30,9 +32,6 @@ class Task:
 
 def causal_lm(packing: bool, loss: str = "standard") -> Task:
     """`loss`: standard | chunked | liger, as resolved by sft_scale.training.loss.resolve_loss."""
-    from sft_scale.training.attention import packed_forward
-    from sft_scale.training.loss import summed_loss
-
     count = count_trained_tokens
 
     def loss_fn(model, batch, n_items):
@@ -104,13 +103,6 @@ def classification(num_labels: int, problem: str) -> Task:
 
     return Task("classification", functools.partial(collate_classification, problem=problem),
                 count_examples, loss, outputs)
-
-
-def problem_type(labels: list, configured: str) -> str:
-    if configured == "multi_label" or (configured == "auto" and labels and
-                                       isinstance(labels[0], list)):
-        return "multi_label"
-    return "single_label"
 
 
 def classification_metrics(preds: list, targets: list, num_labels: int, problem: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate.utils import gather_object
 
 from sft_scale.data.collate import to_device
 from sft_scale.data.loader import fetch_rows
@@ -20,8 +21,6 @@ from sft_scale.training.tasks import classification_metrics
 @torch.no_grad()
 def evaluate(accelerator, model, dataset, task, micro_batch: int, pad_token_id: int,
              num_labels: int = 0, problem: str = "") -> dict:
-    from accelerate.utils import gather_object
-
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(dataset), world))
     n_batches = math.ceil(math.ceil(len(dataset) / world) / micro_batch)

@@ -5,7 +5,7 @@ transformers' `return_assistant_tokens_mask`, an implementation independent of o
 import pytest
 
 from sft_scale.data import encode_example
-from sft_scale.data.templates import end_of_turn_tokens, starts_with_bos
+from sft_scale.data.templates import end_of_turn_tokens, render
 from sft_scale.data.tokenize import IGNORE_INDEX
 from tests.families import FAMILIES, FAMILY, load_tokenizer
 
@@ -110,6 +110,17 @@ def test_trained_tokens_are_each_answer_and_its_end_of_turn_token(tokenizers, fa
     eot = FAMILY[family].end_of_turn
     assert [tok.decode(r).strip() for r in runs(enc["input_ids"], trained)] == \
         [m["content"] + eot for m in answers if m.get("train", True)]
+
+
+def starts_with_bos(tokenizer, template: str) -> bool:
+    """Whether conversations rendered by `template` begin with the tokenizer's BOS token."""
+    if tokenizer.bos_token is None:
+        return False
+    try:
+        text = render(tokenizer, template, [{"role": "user", "content": "Hi"}], True)
+    except Exception:
+        return False
+    return text.startswith(tokenizer.bos_token)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

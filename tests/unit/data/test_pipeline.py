@@ -2,13 +2,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from sft_scale.data import GlobalBatchSampler, collate
-from sft_scale.data.tokenize import IGNORE_INDEX, encode_prompt_answer
+from sft_scale.data.tokenize import IGNORE_INDEX, encode_example
 from sft_scale.model_source import resolve_model_path
 
 
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+
+
+def encode_prompt_answer(tokenizer, prompt: str, answer: str, max_seq_len: int) -> dict:
+    return encode_example(tokenizer, {"kind": "completion", "prompt": prompt,
+                                      "completion": answer}, max_seq_len)
 
 
 def trained_text(tok, enc):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.plan_measure import measure_peak_cpu
 from sft_scale.config import load_config
 from sft_scale.preflight.plan import (
     ZERO3_SUB_GROUP,
@@ -14,7 +15,6 @@ from sft_scale.preflight.plan import (
     estimate,
     format_table,
     lora_params,
-    measure_peak_cpu,
     model_shape,
     model_states,
     parse_size,

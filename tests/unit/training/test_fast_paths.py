@@ -190,7 +190,7 @@ def test_packed_sdpa_model_still_masks_padded_batches():
 
 def test_auto_resolution_on_this_machine(monkeypatch):
     import sft_scale.training.attention as A
-    import sft_scale.training.loss as L
+    from sft_scale import optional
 
     cfg = cfg_with()
     fast = resolve_fast_paths(cfg)
@@ -201,17 +201,17 @@ def test_auto_resolution_on_this_machine(monkeypatch):
     assert resolve_fast_paths(cfg_with(data={"packing": True})).as_dict()["attention_kernel"] == \
         "sdpa per packed example"
     # auto picks flash-attention only with the package, CUDA and half precision
-    monkeypatch.setattr(A, "flash_attn_installed", lambda: True)
+    monkeypatch.setattr(optional, "is_available", lambda name: name == "flash_attn")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert A.resolve_attn_implementation(cfg_with(model={"dtype": "bf16"})) == "flash_attention_2"
     assert A.resolve_attn_implementation(cfg_with(model={"dtype": "fp32"})) == "sdpa"
     # auto loss: liger with liger-kernel on CUDA; standard under ZeRO-3 and for post-processed
     # logits
-    monkeypatch.setattr(L, "liger_installed", lambda: True)
+    monkeypatch.setattr(optional, "is_available", lambda name: name == "liger_kernel")
     assert resolve_loss(cfg)[0] == "liger"
     assert resolve_loss(cfg, zero_stage=3)[0] == "standard"
     softcapped = type("C", (), {"final_logit_softcapping": 30.0})()
-    monkeypatch.setattr(L, "liger_installed", lambda: False)
+    monkeypatch.setattr(optional, "is_available", lambda name: False)
     assert resolve_loss(cfg, softcapped)[0] == "standard"
     assert resolve_loss(cfg_with(task="classification"))[0] == "standard"
 
@@ -242,18 +242,16 @@ def test_packing_auto_is_on_only_where_examples_stay_apart_and_attention_is_per_
 
 
 def test_impossible_switches_fail_early_naming_the_key(monkeypatch):
-    import sft_scale.training.attention as A
-    import sft_scale.training.loss as L
+    from sft_scale import optional
 
-    monkeypatch.setattr(A, "flash_attn_installed", lambda: False)
+    monkeypatch.setattr(optional, "is_available", lambda name: False)
     with pytest.raises(ConfigError,
                        match="model.attn_implementation: flash_attention_2.*flash_attn"):
         resolve_fast_paths(cfg_with(model={"attn_implementation": "flash_attention_2",
                                            "dtype": "bf16"}))
-    monkeypatch.setattr(L, "liger_installed", lambda: False)
     with pytest.raises(ConfigError, match="training.loss: liger.*liger-kernel"):
         resolve_fast_paths(cfg_with(training={"loss": "liger"}))
-    monkeypatch.setattr(L, "liger_installed", lambda: True)
+    monkeypatch.setattr(optional, "is_available", lambda name: name == "liger_kernel")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="training.loss: liger.*CUDA"):
         resolve_fast_paths(cfg_with(training={"loss": "liger"}))
