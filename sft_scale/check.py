@@ -40,6 +40,7 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     from transformers import AutoConfig
 
     from sft_scale.builtin import resolve_model_path
+    from sft_scale.data.layout import choose_layout
     from sft_scale.data.pipeline import (
         _finish,
         encode_dataset,
@@ -100,6 +101,16 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     sample, n_total = sample_examples(train_sources(cfg), cfg, SAMPLE)
     labels = label_names(sample, cfg) if cfg.task == "classification" else None
     encoded, stats = _finish(encode_dataset(sample, tokenizer, cfg, labels), "sampled training")
+    if fast["packing_reason"].startswith("auto: on"):  # packing-layout (issue 20): the lengths
+        # decide, as in train.run (sft_scale/data/layout.py); here from the sample's lengths
+        cfg.data.packing, why = choose_layout(
+            encoded["length"], cfg.training.micro_batch_size,
+            cfg.training.gradient_accumulation_steps, layout.world_size, cfg.training.seed,
+            cfg.data.group_by_length)
+        fast = dict(resolve_fast_paths(cfg, stage, mc), packing_reason=why)
+        report["fast_paths"].update(attention_kernel=fast["attention_kernel"],
+                                    packing=fast["packing"])
+        print(f"packing, from the sample's lengths: {why}")
     for i in range(min(n_show, len(encoded))):
         row = encoded[i]
         print(f"--- sample {i} ({row['_source']}, {row['length']} tokens, {row['n_trained']} "

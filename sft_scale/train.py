@@ -59,6 +59,7 @@ def run(cfg: Config) -> dict:
     from sft_scale import outputs
     from sft_scale.builtin import resolve_model_path
     from sft_scale.data import GlobalBatchSampler
+    from sft_scale.data.layout import choose_layout
     from sft_scale.data.templates import resolve_template
     from sft_scale.distributed import describe, make_accelerator
     from sft_scale.eval_loop import evaluate, improved
@@ -108,6 +109,14 @@ def run(cfg: Config) -> dict:
     # 2. Data, validated before anything is written.
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_stats = load_data(cfg, tokenizer, accelerator)
+    if fast["packing_reason"].startswith("auto: on"):  # packing-layout (issue 20): the lengths
+        # decide, before the model loads its attention; resolve() should own this once it sees
+        # the data (sft_scale/data/layout.py)
+        cfg.data.packing, why = choose_layout(
+            train_ds["length"], cfg.training.micro_batch_size,
+            cfg.training.gradient_accumulation_steps, world, cfg.training.seed,
+            cfg.data.group_by_length)
+        fast = dict(resolve_fast_paths(cfg, stage, mc), packing_reason=why)
     steps = total_steps(cfg, len(train_ds), world)
     warmup_warning = check_warmup(cfg, steps)
     if warmup_warning and accelerator.is_main_process:
