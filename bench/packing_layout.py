@@ -2,7 +2,7 @@
 sft_scale's real entry point (`sft_scale.train.main`, as bench/worker.py runs it) with
 `data.packing: true` and `false`, nothing else changed, in interleaved rounds.
 
-    python -m bench.packing_layout --rounds 3 --threads 1 --out docs/PACKING.md
+    python -m bench.packing_layout --rounds 4 --threads 1 --out /tmp/packing.md  # docs/PACKING.md
 
 Data sets (prompt/completion, lengths in tokens as sft_scale encodes them: BOS + prompt +
 completion + EOS): `equal` (every example the same length: padded batches are 100% real tokens),
@@ -36,7 +36,7 @@ LAYOUTS = {"packed": "data.packing=true", "padded": "data.packing=false"}
 DATA = {  # name: (what, lengths drawn as (low, high) uniform, or None for the bench's mix)
     "equal": ("every example 96 tokens", (96, 96)),
     "narrow": ("uniform 84-96 tokens", (84, 96)),
-    "wide": ("uniform 24-96 tokens", (24, 96)),
+    "wide": ("uniform 24-96 tokens, those shorter than the prompt redrawn", (24, 96)),
     "bench": ("the main bench's Alpaca-like mix (bench/data.py)", None),
 }
 MODELS = {"bench": default_spec, "tiny": quick_spec}
@@ -192,22 +192,21 @@ def render(data: dict) -> list[str]:
     w("")
     w("**tok/s** = real tokens per second of the timed steps; **per CPU-s** = real tokens per "
       "CPU-second of the process over the timed steps (tok/s / cores busy); ratios are taken "
-      "within each round, median [min–max] over rounds.\n")
+      "within each round, median [min–max] over rounds. No memory column: in one process the "
+      "allocator keeps what earlier runs freed, so a run's peak RSS is not its own.\n")
     w("| model | data | lengths min / mean / max | padded: pad eff | packed tok/s per round | "
       "padded tok/s per round | **packed / padded** tok/s | packed / padded per CPU-s | "
-      "cores busy | peak RSS MB packed / padded |")
-    w("|---|---|---|---|---|---|---|---|---|---|")
+      "cores busy |")
+    w("|---|---|---|---|---|---|---|---|---|")
     for p in data["pairs"]:
         ls = p["lengths"]
         pk, pd = p["runs"]["packed"], p["runs"]["padded"]
         eff = statistics.median(x["padding_efficiency"] for x in pd.values())
         busy = [x["cores_busy"] for v in (pk, pd) for x in v.values()]
-        rss = [statistics.median(x["peak_rss_mb"] for x in v.values()) for v in (pk, pd)]
         w(f"| {p['model']} | {p['data']} ({DATA[p['data']][0]}) | {min(ls)} / "
           f"{sum(ls) / len(ls):.0f} / {max(ls)} | {eff:.1%} | {per_round(pk)} | "
           f"{per_round(pd)} | {fmt(ratio(pk, pd, lambda x: x['tokens_per_s']))} | "
-          f"{fmt(ratio(pk, pd, per_cpu_s))} | {min(busy):.2f}–{max(busy):.2f} | "
-          f"{rss[0]:,.0f} / {rss[1]:,.0f} |")
+          f"{fmt(ratio(pk, pd, per_cpu_s))} | {min(busy):.2f}–{max(busy):.2f} |")
     w("")
     return L
 
