@@ -1,16 +1,17 @@
 """`data.packing: auto` once the data is tokenized: packed rows, unless padded batches would
-hold no padding at all.
+barely pad.
 
 Packing removes pad slots; its price is attention run per example (sft_scale/attention.py: on
 CPU one causal SDPA call per example and layer, the slices' gradients summed back into the row;
 on GPU a scatter into per-example rows and a gather back). A padded micro-batch without a single
 pad slot needs no attention mask, so transformers runs one batched causal SDPA for the whole
-micro-batch: nothing is left for packing to save, and its price is all that remains. Measured
-(docs/PACKING.md, `python -m bench.packing_layout`, per CPU-second): at 100% padding efficiency
-packed rows ran at 0.95-0.97x padded batches; at 99.1% (a few pad slots, so the padded batches
-carry a mask) they were level (0.99-1.00x); at 92.6% and below packing was ahead. So auto pads
-only where the length-grouped padded batches of this run, taken from the sampler itself over the
-tokenized lengths, would be (all but) pad-free.
+micro-batch: nothing is left for packing to save, and its price is all that remains. With a few pad
+slots the padded batches carry a mask again, and pay for it. Measured (docs/PACKING.md,
+`python -m bench.packing_layout`, two runs, tokens per CPU-second): at 100% padding efficiency
+packed rows ran at 0.92-0.98x padded batches, at 99.1% at 0.93-1.00x, at 92.6% at 1.03-1.08x
+(packing ahead, and further ahead below). So auto pads where the length-grouped padded batches
+of this run, taken from the sampler itself over the tokenized lengths, would be at least 99%
+real tokens.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from collections.abc import Sequence
 from sft_scale.data.sampler import GlobalBatchSampler
 
 # Padding efficiency (real tokens / slots) of the padded batches from which auto pads instead of
-# packing: pad-free, up to a stray short example in a thousand slots (docs/PACKING.md: padded was
-# faster at 100% only; at 99.1% the two layouts were level, and packing also keeps less memory).
-PADDED_FROM = 0.999
+# packing (docs/PACKING.md): padded batches were as fast or faster at 99.1% and 100% in both
+# runs, packed rows faster at 92.6%; the crossing lies in between, and below 99% packing's lower
+# memory (no pad slots, no mask) tips an even race.
+PADDED_FROM = 0.99
 # Global batches the estimate walks: the first windows of length grouping are like the rest.
 ESTIMATE_STEPS = 256
 
