@@ -54,6 +54,7 @@ def choose_layout(lengths: Sequence[int], micro: int, accum: int = 1, world: int
     if eff >= PADDED_FROM:
         return False, (f"auto: off, the data pads only {1 - eff:.1%} (padded batches "
                        f"{eff:.1%} real tokens, >= {PADDED_FROM:.1%}): attention per "
-                       "example would cost more than the padding it saves (docs/PACKING.md)")
+                       "example would cost as much as the padding it saves, or more "
+                       "(docs/PACKING.md)")
     return True, (f"auto: on, padding-free rows with attention per example (padded batches "
                   f"would be {eff:.1%} real tokens)")
