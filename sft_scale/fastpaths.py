@@ -48,7 +48,7 @@ def resolve_packing(cfg: Config, attn: str, mc=None) -> tuple[bool, str]:
     kernel; eager would score the whole row, L^2), and a model that passes the example
     boundaries down to its attention (without them attention would silently cross examples).
     An "auto: on" is decided again from the tokenized lengths (sft_scale/data/layout.py:
-    choose_layout, packing-layout): padded batches where they would hold no padding.
+    choose_layout, packing-layout): padded batches where they would be >= 99% real tokens.
     Raises ConfigError for `packing: true` on a model known not to pass them."""
     packing = cfg.data.packing
     if cfg.task != "causal_lm":
