@@ -93,8 +93,7 @@ def run(cfg: Config) -> dict:
     if finished is not None:
         return finished
     resume_from = find_resume(cfg, out_dir, accelerator.is_main_process)
-    data = load_training_data(cfg, accelerator, resolved)
-    resolved = resolved.with_data(total_steps(cfg, len(data.train), resolved.world_size))
+    data, resolved = load_training_data(cfg, accelerator, resolved)
     resume_step = check_data(cfg, resolved, data, identity, resume_from,
                              accelerator.is_main_process)
     run_dir = start_run(cfg, resolved, data, accelerator, identity, resume_from, resume_step)
@@ -161,10 +160,14 @@ class TrainingData:
         return self.stats.labels
 
 
-def load_training_data(cfg: Config, accelerator, resolved: Resolved) -> TrainingData:
-    """Tokenizer, training and eval sets, and the task (loss, collation) they are trained with."""
+def load_training_data(cfg: Config, accelerator,
+                       resolved: Resolved) -> tuple[TrainingData, Resolved]:
+    """Tokenizer, training and eval sets, and the task (loss, collation) they are trained with;
+    and the resolved record completed by them (steps; packing, where the lengths decide)."""
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = load_data(cfg, tokenizer, accelerator)
+    resolved = resolved.with_data(cfg, train_ds["length"],
+                                  total_steps(cfg, len(train_ds), resolved.world_size))
     if cfg.task == "classification":
         multi = isinstance(train_ds[0]["label"], list)
         problem = "multi_label" if multi else ("binary" if len(stats.labels) == 2
@@ -172,7 +175,7 @@ def load_training_data(cfg: Config, accelerator, resolved: Resolved) -> Training
         task = classification(len(stats.labels), problem)
     else:
         problem, task = None, causal_lm(resolved.fast.packing, resolved.fast.loss)
-    return TrainingData(tokenizer, train_ds, eval_ds, stats, task, problem)
+    return TrainingData(tokenizer, train_ds, eval_ds, stats, task, problem), resolved
 
 
 def check_data(cfg: Config, resolved: Resolved, data: TrainingData, identity: dict,

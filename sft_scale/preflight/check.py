@@ -103,6 +103,11 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     kept = stats.examples / len(sample)
     n_examples = max(1, int(n_total * kept))
     steps = total_steps(cfg, n_examples, layout.world_size)
+    if resolved.fast.packing_by_lengths:  # as the job decides after tokenizing (train.py)
+        resolved = resolved.with_data(cfg, encoded["length"], steps)
+        report["fast_paths"].update(packing=resolved.fast.packing,
+                                    attention_kernel=resolved.fast.as_dict()["attention_kernel"])
+        print(f"packing, from the sample's lengths: {resolved.fast.packing_reason}")
     warmup_warning = check_warmup(cfg, steps)
     if warmup_warning:
         print(f"WARNING: {warmup_warning}")

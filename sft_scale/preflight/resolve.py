@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from sft_scale.config import Config, ConfigError
+from sft_scale.data.layout import choose_layout
 from sft_scale.data.pipeline import check_max_seq_len
 from sft_scale.model_source import read_model_config, resolve_model_path
 from sft_scale.preflight.command import Layout, ds_file_for
@@ -45,9 +47,11 @@ class FastPaths:
     torch_compile: bool
     num_workers: int
     pin_memory: bool
+    packing_by_lengths: bool = False  # auto said on; the tokenized lengths decide (with_data)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        del d["packing_by_lengths"]
         if d["attention_kernel"] == PACKED_SDPA:
             d["attention_kernel"] = "sdpa per packed example"
         return d
@@ -69,8 +73,20 @@ class Resolved:
     fast: FastPaths
     total_steps: int | None = None  # known once the data is built: with_data()
 
-    def with_data(self, total_steps: int) -> Resolved:
-        return dataclasses.replace(self, total_steps=total_steps)
+    def with_data(self, cfg: Config, lengths: Sequence[int], total_steps: int) -> Resolved:
+        """The record completed by the tokenized training data: its steps and, where `packing:
+        auto` said on, the layout its lengths choose (padded batches where they would barely
+        pad: sft_scale/data/layout.py)."""
+        fast = self.fast
+        if fast.packing_by_lengths:
+            t = cfg.training
+            pack, why = choose_layout(lengths, t.micro_batch_size, t.gradient_accumulation_steps,
+                                      self.world_size, t.seed, cfg.data.group_by_length)
+            fast = dataclasses.replace(
+                fast, packing=pack, packing_reason=why, packing_by_lengths=False,
+                attention_kernel=fast.attention_kernel if pack else fast.attn_implementation,
+                group_by_length=cfg.data.group_by_length and not pack)
+        return dataclasses.replace(self, fast=fast, total_steps=total_steps)
 
     @property
     def offload(self) -> bool:
@@ -152,6 +168,8 @@ def resolve_packing(cfg: Config, attn: str, mc=None) -> tuple[bool, str]:
     causal_lm, attention that runs per example (our packed SDPA, flash-attention 2's varlen
     kernel; eager would score the whole row, L^2), and a model that passes the example
     boundaries down to its attention (without them attention would silently cross examples).
+    An "auto: on" is decided again from the tokenized lengths (Resolved.with_data,
+    sft_scale/data/layout.py): padded batches where they would be >= 99% real tokens.
     Raises ConfigError for `packing: true` on a model known not to pass them."""
     packing = cfg.data.packing
     if cfg.task != "causal_lm":
@@ -194,7 +212,8 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> F
         group_by_length=cfg.data.group_by_length and not packing,
         loss=loss, loss_reason=loss_why, torch_compile=cfg.training.torch_compile,
         num_workers=cfg.data.num_workers,
-        pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()))
+        pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
+        packing_by_lengths=packing and cfg.data.packing == "auto")
 
 
 # --------------------------------------------------------------------------- checks
