@@ -53,9 +53,11 @@ def padding_efficiency(cfg: Config, dataset, packing: bool, world_size: int = 1,
 
 
 def preview(cfg: Config, n: int = 3) -> dict:
-    packing = resolve(cfg, Layout.for_config(cfg)).fast.packing  # what data.packing: auto means
+    resolved = resolve(cfg, Layout.for_config(cfg))
     tokenizer = load_tokenizer(cfg)
     train, _eval, stats = build_datasets(cfg, tokenizer)
+    # what data.packing: auto means for these lengths, as training decides it
+    packing = resolved.with_data(cfg, train["length"], 0).fast.packing
     for i in range(min(n, len(train))):
         row = train[i]
         print(f"--- example {i} ({row['_source']}, {row['length']} tokens, {row['n_trained']} "
