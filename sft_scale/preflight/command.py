@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft_scale.config import ConfigError
-from sft_scale.preflight.deepspeed import DS_CONFIG_DIR
+
+# The shipped DeepSpeed JSON files (ds_configs/zeroN[_offload].json). Here, not in deepspeed.py:
+# composing a launch line (the CLI, on login nodes) must not import torch.
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from sft_scale.config import Config, ConfigError
+from sft_scale.preflight.command import DS_CONFIG_DIR
 from sft_scale.preflight.plan import estimate, format_table
 
 log = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 # Top-level keys DeepSpeed understands (a misspelt one is silently ignored by DeepSpeed itself).
 KNOWN_KEYS = {
