@@ -278,9 +278,9 @@ def build_training(cfg: Config, resolved: Resolved, data: TrainingData, accelera
                        data.tokenizer.pad_token_id)
     template = resolve_template(data.tokenizer, cfg.data.chat_template) \
         if data.stats.chat else None
-    serving = for_training(data.tokenizer,
-                           resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path),
-                           template, data.stats.bos)
+    tokenizer_path = resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer \
+        else resolved.model_path
+    serving = for_training(data.tokenizer, tokenizer_path, template, data.stats.bos)
     if cfg.training.torch_compile:
         compile_model(model)  # in place, before prepare: see compile_model
     trainable, total = count_parameters(model)
