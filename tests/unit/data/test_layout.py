@@ -9,7 +9,7 @@ import pytest
 from sft_scale.cli import main
 from sft_scale.data import GlobalBatchSampler
 from sft_scale.data.layout import PADDED_FROM, choose_layout, padded_efficiency
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def test_equal_lengths_pad_nothing_and_choose_padded_batches():
