@@ -438,7 +438,7 @@ def parse_size(text: str) -> int:
     """'80GiB', '80G' (GiB, as nvidia-smi reports), '80GB' (10^9), '81920MiB' -> bytes."""
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ValueError(f"not a memory size: {text!r}; write e.g. 80GiB")
+        raise ConfigError(f"not a memory size: {text!r}; write e.g. 80GiB")
     power = " KMGT".index((m.group(2) or " ").upper())
     base = 1000 if m.group(3).upper() == "B" else 1024
     return int(float(m.group(1)) * base ** power)

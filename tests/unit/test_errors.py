@@ -52,8 +52,6 @@ ALLOWED = {
     ("load_model", "RuntimeError"):
         "transformers/bitsandbytes did not quantize a model they were asked to: a library "
         "fault, whose traceback a bug report needs",
-    ("measure_peak_cpu", "RuntimeError"):
-        "bench-only measurement: the message is the child's traceback",
     ("ReadOnlyAfterLoad.__setattr__", "AttributeError"):
         "code that writes to a loaded Config is a bug (derived values live on Resolved); the "
         "traceback shows where",

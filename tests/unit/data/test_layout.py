@@ -116,7 +116,7 @@ def test_with_data_pads_equal_lengths_and_keeps_the_config_as_written():
         (False, "sdpa", 10)
     assert equal.fast.group_by_length is cfg.data.group_by_length
     assert equal.fast.packing_reason.startswith("auto: off, the data pads only 0.0%")
-    mixed = before.with_data(cfg, [20, 200, 50, 120, 90, 30, 250, 10] * 8, 10)
+    mixed = before.with_data(cfg, [10, 250, 60, 180], 10)  # one micro-batch of 4: 50% real
     assert mixed.fast.packing and mixed.fast.as_dict()["attention_kernel"] == \
         "sdpa per packed example"
     assert cfg.data.packing == "auto"
