@@ -166,6 +166,8 @@ def load_training_data(cfg: Config, accelerator,
     and the resolved record completed by them (steps; packing, where the lengths decide)."""
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = load_data(cfg, tokenizer, accelerator)
+    # before with_data: choosing the layout walks a global batch, 100M rows for a typo'd micro
+    _check_micro_batch(cfg, len(train_ds))
     resolved = resolved.with_data(cfg, train_ds["length"],
                                   total_steps(cfg, len(train_ds), resolved.world_size))
     if cfg.task == "classification":
@@ -185,7 +187,6 @@ def check_data(cfg: Config, resolved: Resolved, data: TrainingData, identity: di
     warmup_warning = check_warmup(cfg, resolved.total_steps)
     if warmup_warning and main_proc:
         log.warning("WARNING: %s", warmup_warning)
-    _check_micro_batch(cfg, len(data.train))
     identity["data_fingerprint"] = ckpt.data_fingerprint(data.train)
     if resume_from is None:
         return None
