@@ -324,7 +324,10 @@ def _requeues(stub: Path) -> list[str]:
 @pytest.fixture
 def job(tmp_path):
     stub = _stubs(tmp_path)
-    r = render(str(DEMO_CONFIG), SlurmOptions(nodes=2, max_requeues=2), [],
+    # No `data prepare` pre-step: it is ~10 s of real imports per attempt and these tests are
+    # about how an attempt ends; the pre-step runs in test_pre_step_runs_quoted_on_one_node_...
+    # and for real in tests/e2e/test_slurm_e2e.py.
+    r = render(str(DEMO_CONFIG), SlurmOptions(nodes=2, max_requeues=2, prepare_data=False), [],
                str(tmp_path / "run"))
     _write(r)
     return stub, r
