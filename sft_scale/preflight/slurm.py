@@ -289,8 +289,6 @@ def render(config: str, opts: SlurmOptions, overrides: list[str] = (),
     (e.g. a data preparation command); quoted like everything else."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    from sft_scale.preflight.resolve import resolve
-
     validate_options(opts)
     config = _path_value("--config", str(Path(config).absolute()))
     cfg = load_config(config, list(overrides), output_dir)
@@ -302,6 +300,9 @@ def render(config: str, opts: SlurmOptions, overrides: list[str] = (),
                                master_port="${MASTER_PORT}")
     # Resolved now: a model that cannot be found (a missing folder, a hub id neither cached nor
     # reachable) or a contradiction fails here in seconds, not after the job waited in the queue.
+    # Imported only now: it brings torch, transformers and peft (~10 s), which the refusals of
+    # the options and the config above do not need.
+    from sft_scale.preflight.resolve import resolve
     resolved = resolve(cfg, layout)
     seconds, why = signal_window(cfg, opts, resolved.model_config)
     prepare = opts.prepare_data if opts.prepare_data is not None else opts.nodes > 1
