@@ -94,6 +94,7 @@ SFT_SWITCHES: list[tuple[str, list]] = [
     ("training.gradient_checkpointing", [True, False]),
     ("model.attn_implementation", ["sdpa", "eager"]),
     ("training.loss", ["standard", "chunked", "liger"]),
+    ("lora.kernel", ["auto", "peft"]),
     ("training.torch_compile", [True]),
     ("data.num_workers", [2]),
     ("data.pin_memory", [True, False]),

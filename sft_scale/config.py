@@ -116,6 +116,10 @@ class LoraConfig(ReadOnlyAfterLoad):
     For new tokens use `model.add_tokens`, which trains only their rows."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train: none, all of them, or those of the adapted modules (peft's `bias`)."""
+    kernel: Literal["auto", "peft"] = "auto"
+    """How adapted Linear layers compute: auto fuses the frozen layer and its adapter into one
+    autograd node where that is exact (unquantized fp32 model, not ZeRO-3, no trained biases) and
+    uses PEFT's own LoRA forward elsewhere; peft always uses PEFT's."""
 
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification")

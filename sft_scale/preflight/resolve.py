@@ -28,6 +28,7 @@ from sft_scale.preflight.deepspeed import choose_zero, launcher_ds_file, resolve
 from sft_scale.preflight.plan import lora_targets, matches_module, model_shape
 from sft_scale.training.attention import PACKED_SDPA, resolve_attn_implementation
 from sft_scale.training.distributed import world_size_from_env
+from sft_scale.training.lora_kernel import resolve_lora_kernel
 from sft_scale.training.loss import resolve_loss
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class FastPaths:
     group_by_length: bool
     loss: str
     loss_reason: str
+    lora_kernel: str
+    lora_kernel_reason: str
     torch_compile: bool
     num_workers: int
     pin_memory: bool
@@ -204,13 +207,15 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> F
     attn = resolve_attn_implementation(cfg, mc)
     packing, packing_why = resolve_packing(cfg, attn, mc)
     loss, loss_why = resolve_loss(cfg, mc, zero_stage)
+    lora_kernel, lora_why = resolve_lora_kernel(cfg, zero_stage)
     return FastPaths(
         attn_implementation=attn,
         attention_kernel=PACKED_SDPA if attn == "sdpa" and packing else attn,
         packing=packing, packing_reason=packing_why,
         # packed rows have no padding to save: length grouping only matters without them
         group_by_length=cfg.data.group_by_length and not packing,
-        loss=loss, loss_reason=loss_why, torch_compile=cfg.training.torch_compile,
+        loss=loss, loss_reason=loss_why, lora_kernel=lora_kernel, lora_kernel_reason=lora_why,
+        torch_compile=cfg.training.torch_compile,
         num_workers=cfg.data.num_workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
         packing_by_lengths=packing and cfg.data.packing == "auto")

@@ -18,6 +18,7 @@ from transformers import (
 from sft_scale import optional
 from sft_scale.config import Config, ConfigError
 from sft_scale.model_source import resolve_model_path
+from sft_scale.training import lora_kernel
 from sft_scale.training.attention import attention_for_load
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
             model.enable_input_require_grads()
 
     if cfg.lora.enabled:
-        model = wrap_lora(model, cfg, token_ids)
+        model = wrap_lora(model, cfg, token_ids, resolved.fast.lora_kernel)
     return model
 
 
@@ -189,10 +190,12 @@ def trainable_tokens(model, token_ids: list[int]):
     return {names[emb]: list(token_ids), names[head]: list(token_ids)}
 
 
-def wrap_lora(model, cfg: Config, token_ids: list[int] | None = None):
+def wrap_lora(model, cfg: Config, token_ids: list[int] | None = None,
+              kernel: str = lora_kernel.PEFT):
     """LoRA as configured. With added tokens only their embedding (and LM head) rows are trained
     and saved (peft trainable_token_indices) rather than whole matrices (modules_to_save on
-    embed_tokens/lm_head): for Llama-3-8B that is 2 x 4096 values per token, not 2 x 525M."""
+    embed_tokens/lm_head): for Llama-3-8B that is 2 x 4096 values per token, not 2 x 525M.
+    `kernel`: the run's resolved `lora.kernel` (fused: see sft_scale.training.lora_kernel)."""
     lc = cfg.lora
     tokens = trainable_tokens(model, token_ids) if token_ids else None
     if tokens is not None:
@@ -210,6 +213,8 @@ def wrap_lora(model, cfg: Config, token_ids: list[int] | None = None):
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
         target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
         bias=lc.bias, trainable_token_indices=tokens)
+    if kernel == lora_kernel.FUSED:
+        lora_kernel.register(peft_cfg)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
