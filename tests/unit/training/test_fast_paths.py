@@ -14,6 +14,7 @@ from sft_scale.data.loader import step_loader
 from sft_scale.data.tokenize import IGNORE_INDEX
 from sft_scale.model_source import resolve_model_path
 from sft_scale.preflight.resolve import resolve_fast_paths
+from sft_scale.training import lora_kernel
 from sft_scale.training.attention import PACKED_SDPA, packed_forward, register_packed_sdpa
 from sft_scale.training.loss import causal_lm_parts, plain_linear, resolve_loss
 from sft_scale.training.tasks import causal_lm
@@ -68,10 +69,13 @@ def wrap(model, how):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     kw = {"lora": dict(target_modules="all-linear"), "lora_gc": dict(target_modules="all-linear"),
+          "lora_fused": dict(target_modules="all-linear"),
           "lora_head_saved": dict(target_modules="all-linear", modules_to_save=["lm_head"]),
           "lora_on_head": dict(target_modules=["q_proj", "v_proj", "lm_head"])}[how]
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
-                                             lora_dropout=0.0, **kw))
+    peft_config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, **kw)
+    if how == "lora_fused":  # lora.kernel: auto on an fp32 model
+        lora_kernel.register(peft_config)
+    model = get_peft_model(model, peft_config)
     with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -295,10 +299,11 @@ def test_workers_give_each_rank_the_same_batches(packing):
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_two_steps(tmp_path):
+@pytest.mark.parametrize("lora", ["lora", "lora_fused"])
+def test_torch_compile_trains_two_steps(tmp_path, lora):
     from sft_scale.training.model import compile_model
 
-    model = wrap(tiny(), "lora")
+    model = wrap(tiny(), lora)
     eager = copy.deepcopy(model)
     n = compile_model(model)
     assert n == model.base_model.model.config.num_hidden_layers

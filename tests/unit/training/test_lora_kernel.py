@@ -23,10 +23,13 @@ def config(**lora) -> Config:
     return cfg
 
 
-def lora_model(kernel: str, dropout: float = 0.0):
+def lora_model(kernel: str, dropout: float = 0.0, checkpointing: bool = False):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"),
                                                  dtype=torch.float32, attn_implementation="sdpa")
+    if checkpointing:  # as load_model sets it up: the fused node is recomputed in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = wrap_lora(model, config(dropout=dropout), kernel=kernel)
     # B starts at zero, which would hide any error in the adapter's half of the node.
     torch.manual_seed(1)
@@ -51,9 +54,10 @@ def loss_and_grads(model, seed=3):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_node_matches_peft_in_loss_and_every_gradient(dropout):
-    fused, plain = lora_model(lora_kernel.FUSED, dropout), lora_model(lora_kernel.PEFT, dropout)
+@pytest.mark.parametrize("dropout, checkpointing", [(0.0, False), (0.1, False), (0.1, True)])
+def test_fused_node_matches_peft_in_loss_and_every_gradient(dropout, checkpointing):
+    fused = lora_model(lora_kernel.FUSED, dropout, checkpointing)
+    plain = lora_model(lora_kernel.PEFT, dropout, checkpointing)
     n_fused = sum(isinstance(m, FusedLoraLinear) for m in fused.modules())
     assert n_fused > 0 and not any(isinstance(m, FusedLoraLinear) for m in plain.modules())
     loss_f, grads_f = loss_and_grads(fused)
