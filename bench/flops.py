@@ -22,6 +22,13 @@ Each term's time is its FLOPs divided by the best throughput measured for its GE
 the mean real tokens of a micro-batch); the sum is the least time any trainer can take on this
 machine, and `limit_tokens_per_s` = T / that time. `peak_gflops` is the best throughput at any
 of the model's shapes: MFU = model FLOPs per token x tokens/s / peak.
+
+The machine's speed drifts (other tenants of the host, its clock): a limit measured a few minutes
+before a method ran would move every MFU with it. So `machine_speed` times one GEMM, the model's
+largest frozen-forward shape (`reference_shape`), as the median of many calls over a short window;
+the limit records it, and the bench worker measures it again just before and just after each
+method's run. A method's limit and peak are scaled by (its own bracket / the limit's), so each
+method is judged against the machine as fast as it was while that method ran.
 """
 
 from __future__ import annotations
@@ -132,6 +139,34 @@ def measure_throughput(shapes: list[tuple], threads: int, min_time: float = 0.05
     return out
 
 
+def reference_shape(w: Workload) -> tuple:
+    """The frozen-forward GEMM shape with the most FLOPs: the machine-speed probe."""
+    terms = [t for t in w.terms if t.name == "frozen forward" and len(t.shape) == 3]
+    return max(terms, key=lambda t: (t.shape[1] * t.shape[2], t.shape)).shape
+
+
+def machine_speed(shape: tuple, threads: int | None = None, window: float = 1.0) -> float:
+    """GFLOP/s of torch.mm at `shape` (m, k, n): the median of single calls over `window`
+    seconds (the median, not the best: it follows the machine's sustained speed, not a burst)."""
+    import statistics
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    torch.mm(a, b)
+    samples: list[float] = []
+    end = time.perf_counter() + window
+    while time.perf_counter() < end or len(samples) < 5:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        samples.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(samples) / 1e9
+
+
 def physical_limit(w: Workload, throughput: dict[tuple, float]) -> dict:
     by_name: dict[str, dict] = {}
     total_s = 0.0
@@ -182,7 +217,9 @@ def main(argv=None) -> int:
     shapes = sorted({t.shape for t in w.terms})
     t0 = time.time()
     res = physical_limit(w, measure_throughput(shapes, args.threads))
-    res.update(threads=args.threads, measure_s=time.time() - t0)
+    ref = reference_shape(w)
+    res.update(threads=args.threads, measure_s=time.time() - t0,
+               reference={"shape": list(ref), "gflops": machine_speed(ref, args.threads)})
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"limit {res['limit_tokens_per_s']:.0f} tok/s, peak {res['peak_gflops']:.1f} GFLOP/s, "
           f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token", flush=True)

@@ -40,19 +40,49 @@ def ratio_per_round(results: dict, num: str, den: str) -> dict | None:
     return stats([a[r] / b[r] for r in sorted(set(a) & set(b)) if b[r]])
 
 
+def speed_factor(run: dict, limit: dict) -> float:
+    """How fast the machine was while this run ran, relative to when the round's limit was
+    measured: the median-GEMM probe bracketing the run / the same probe in the limit's process
+    (bench/flops.py). 1.0 for results recorded without the probe."""
+    probe, ref = run.get("machine_gflops"), (limit.get("reference") or {}).get("gflops")
+    if not probe or not ref or any(not (isinstance(x, (int, float)) and x > 0) for x in probe):
+        return 1.0
+    return statistics.fmean(probe) / ref
+
+
+def _runs_with_limit(results: dict, name: str, rounds: list[dict]):
+    lim = {r["round"]: r["limit"] for r in rounds if r.get("limit")}
+    for run in results.get(name, []):
+        x = run.get("tokens_per_s")
+        if (run.get("ok") and run.get("rep") in lim and isinstance(x, (int, float))
+                and math.isfinite(x)):
+            yield run, lim[run["rep"]]
+
+
 def limit_fraction(results: dict, name: str, rounds: list[dict]) -> dict | None:
-    """tokens/s of `name` / the physical limit measured in the same round."""
-    a = per_round(results, name)
-    lim = {r["round"]: r["limit"]["limit_tokens_per_s"] for r in rounds if r.get("limit")}
-    return stats([a[r] / lim[r] for r in sorted(set(a) & set(lim))])
+    """tokens/s of `name` / the physical limit of its round, at the machine speed it ran at."""
+    return stats([run["tokens_per_s"] / (lim["limit_tokens_per_s"] * speed_factor(run, lim))
+                  for run, lim in _runs_with_limit(results, name, rounds)])
 
 
 def mfu(results: dict, name: str, rounds: list[dict]) -> dict | None:
-    """Model FLOPs per token x tokens/s / the best GEMM throughput measured in the same round."""
-    a = per_round(results, name)
-    lim = {r["round"]: r["limit"] for r in rounds if r.get("limit")}
-    return stats([a[r] * lim[r]["flops_per_token"] / (lim[r]["peak_gflops"] * 1e9)
-                  for r in sorted(set(a) & set(lim))])
+    """Model FLOPs per token x tokens/s / the peak GEMM throughput of its round, at the machine
+    speed it ran at."""
+    return stats([run["tokens_per_s"] * lim["flops_per_token"]
+                   / (lim["peak_gflops"] * 1e9 * speed_factor(run, lim))
+                   for run, lim in _runs_with_limit(results, name, rounds)])
+
+
+def speed_spread(results: dict, rounds: list[dict]) -> dict[int, dict | None]:
+    """Per round: the spread of the machine-speed factors of the runs in it."""
+    out = {}
+    for r in rounds:
+        if not r.get("limit"):
+            continue
+        out[r["round"]] = stats([speed_factor(run, r["limit"]) for rs in results.values()
+                                 for run in rs if run.get("rep") == r["round"]
+                                 and run.get("machine_gflops")])
+    return out
 
 
 def best_trl(results: dict) -> str | None:
@@ -120,17 +150,33 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
         for k, v in lim0["terms"].items():
             w(f"| {k} | {v['gflops']:,.3g} | {v['gflop_per_s']:.1f} | {v['seconds']:.3g} |")
         w("")
-    w("| round | order | load avg start → end | limit tok/s | peak GEMM GFLOP/s |")
-    w("|---|---|---|---|---|")
+    speeds = speed_spread(results, rounds)
+    probe = next((r["limit"]["reference"] for r in rounds
+                  if (r.get("limit") or {}).get("reference")), None)
+    if probe:
+        w(f"**The machine's speed while each method ran.** The limit is measured once per round, "
+          f"but the machine's speed drifts within a round (other tenants, the host's clock). So "
+          f"one GEMM, the model's largest ({'x'.join(map(str, probe['shape']))}), is timed as "
+          "the median of many calls in the limit's process and again just before and just after "
+          "every method's run, in that method's process. A method's limit and peak are scaled by "
+          "its own probe / the limit's probe; the last column shows that factor's spread over "
+          "the runs of each round.\n")
+    w("| round | order | load avg start → end | limit tok/s | peak GEMM GFLOP/s | "
+      "probe GFLOP/s | machine speed while methods ran (x the limit's) |")
+    w("|---|---|---|---|---|---|---|")
     for r in rounds:
         lim = r.get("limit") or {}
+        sp = speeds.get(r["round"])
         w(f"| {r['round'] + 1} | {' → '.join(r['order'])} | {r['loadavg_start']:.2f} → "
           f"{r['loadavg_end']:.2f} | {lim.get('limit_tokens_per_s', float('nan')):,.0f} | "
-          f"{lim.get('peak_gflops', float('nan')):.1f} |")
+          f"{lim.get('peak_gflops', float('nan')):.1f} | "
+          f"{(lim.get('reference') or {}).get('gflops', float('nan')):.1f} | "
+          f"{fmt(sp) if sp else '– (not probed)'} |")
     w("")
-    w("Every method against the limit of its own round: **of limit** = tok/s / limit tok/s; "
-      "**CPU MFU** = model FLOPs per token x tok/s / peak GEMM FLOP/s; **vs ceiling** = "
-      "tok/s / bare_step's tok/s in the same round.\n")
+    w("Every method against the limit of its own round, at the machine speed it ran at: "
+      "**of limit** = tok/s / (limit tok/s x speed factor); **CPU MFU** = model FLOPs per token "
+      "x tok/s / (peak GEMM FLOP/s x speed factor); **vs ceiling** = tok/s / bare_step's tok/s "
+      "in the same round.\n")
     w("| method | tok/s per round | of limit | CPU MFU | vs ceiling | vs baseline |")
     w("|---|---|---|---|---|---|")
     for m in methods:

@@ -363,11 +363,18 @@ def preload(kinds) -> None:
         pass
 
 
-def run_one(spec: Spec, method: dict, rep: int, out_dir: Path) -> dict:
+def run_one(spec: Spec, method: dict, rep: int, out_dir: Path,
+            probe_shape: tuple | None = None) -> dict:
+    """One method's run; with `probe_shape`, the machine's GEMM speed is measured just before
+    and just after it (bench/flops.py: each method's MFU is taken at the speed it ran at)."""
     import gc
+
+    from bench.flops import machine_speed
 
     work = out_dir / f"{method['safe']}-rep{rep}"
     work.mkdir(parents=True, exist_ok=True)
+    window = 0.1 if spec.name == "quick" else 1.0  # the harness's smoke test judges no MFU
+    speed_before = machine_speed(probe_shape, window=window) if probe_shape else None
     gc.collect()
     reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
@@ -382,10 +389,24 @@ def run_one(spec: Spec, method: dict, rep: int, out_dir: Path) -> dict:
     res.update(method=method["name"], rep=rep, wall_s=time.perf_counter() - t0,
                peak_rss_mb=peak_rss_mb(), peak_rss_per_rep=reset_ok,
                torch_threads=torch.get_num_threads())
+    if probe_shape:
+        res["machine_gflops"] = [speed_before, machine_speed(probe_shape, window=window)]
     if "torch._dynamo" in sys.modules:
         # later reps must not reuse this rep's compiled graphs or hit the recompile limit
         sys.modules["torch._dynamo"].reset()
     return res
+
+
+def _probe_shape(spec: Spec) -> tuple | None:
+    """The machine-speed probe's GEMM shape for this spec's model and data (None if the
+    workload cannot be read: the runs then go unbracketed, and the report says so)."""
+    from bench.flops import reference_shape, workload_for
+
+    try:
+        return reference_shape(workload_for(spec))
+    except Exception:  # noqa: BLE001 - a bench run without the probe is still a bench run
+        traceback.print_exc()
+        return None
 
 
 def main(argv=None) -> int:
@@ -411,12 +432,13 @@ def main(argv=None) -> int:
     if os.environ.get("BENCH_THREADS"):
         import torch
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    probe = _probe_shape(spec)
     startup = time.time() - launched
     ok = True
     with open(out_dir / "results.jsonl", "a") as f:
         for rep in range(int(reps)):  # rep-major: several methods in one process interleave
             for m in methods:
-                res = run_one(spec, m, rep + m.get("rep_offset", 0), out_dir)
+                res = run_one(spec, m, rep + m.get("rep_offset", 0), out_dir, probe)
                 res["startup_s"] = startup
                 f.write(json.dumps(res, default=float) + "\n")
                 f.flush()

@@ -84,9 +84,13 @@ def test_bench_interleaved_rounds_report_per_round_ratios_and_the_limit(tmp_path
     assert [r["order"] for r in rounds] == [["bare_step", "sft_scale"], ["sft_scale", "bare_step"]]
     for r in rounds:
         assert r["limit"]["limit_tokens_per_s"] > 0 and 0 < r["limit"]["limit_mfu"] <= 1
+        assert r["limit"]["reference"]["gflops"] > 0
     assert sorted(x["rep"] for x in data["runs"]["sft_scale"]) == [0, 1]
+    # every run is bracketed by the machine-speed probe, in its own process
+    assert all(len(x["machine_gflops"]) == 2 and min(x["machine_gflops"]) > 0
+               for rs in data["runs"].values() for x in rs)
     md = out.read_text()
-    assert "## Interleaved rounds" in md and "CPU MFU" in md
+    assert "## Interleaved rounds" in md and "CPU MFU" in md and "probe GFLOP/s" in md
     summary = subprocess.run([sys.executable, "-m", "bench.run", "--summary", "--from-json",
                               str(out.with_suffix(".json"))], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)

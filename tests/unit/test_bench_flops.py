@@ -6,8 +6,14 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.flops import lora_step_workload, measure_throughput, physical_limit
-from bench.rounds import ratio_per_round, round_order, stats
+from bench.flops import (
+    lora_step_workload,
+    machine_speed,
+    measure_throughput,
+    physical_limit,
+    reference_shape,
+)
+from bench.rounds import limit_fraction, mfu, ratio_per_round, round_order, speed_factor, stats
 
 SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2)
@@ -66,3 +72,25 @@ def test_rounds_rotate_and_ratios_are_taken_within_a_round():
     s = ratio_per_round(results, "x", "y")
     assert s["values"] == [2.0, 3.0] and s["median"] == 2.5 and (s["min"], s["max"]) == (2, 3)
     assert stats([]) is None
+
+
+def test_machine_speed_probe_is_the_largest_frozen_gemm():
+    w = lora_step_workload(SHAPE, [8, 8], [4, 4], lora_r=4, micro_batches=2)
+    # rows = tokens per micro-batch; the MLP's projections are the largest frozen GEMMs (ties:
+    # the larger shape tuple, here down_proj's)
+    assert reference_shape(w) == (8, SHAPE["intermediate_size"], SHAPE["hidden_size"])
+    assert machine_speed((8, 4, 4), window=0.001) > 0
+
+
+def test_mfu_and_limit_fraction_use_the_speed_each_method_ran_at():
+    """A run bracketed by a probe at 0.8x the limit's probe is judged against 0.8x the limit;
+    an unprobed (older) run against the limit as measured."""
+    lim = {"limit_tokens_per_s": 100.0, "flops_per_token": 1e9, "peak_gflops": 50.0,
+           "reference": {"shape": [8, 32, 48], "gflops": 40.0}}
+    rounds = [{"round": 0, "limit": lim}, {"round": 1, "limit": lim}]
+    results = {"m": [{"rep": 0, "ok": True, "tokens_per_s": 40.0, "machine_gflops": [30.0, 34.0]},
+                     {"rep": 1, "ok": True, "tokens_per_s": 40.0}]}
+    assert speed_factor(results["m"][0], lim) == 0.8
+    assert speed_factor(results["m"][1], lim) == 1.0
+    assert limit_fraction(results, "m", rounds)["values"] == [0.5, 0.4]
+    assert mfu(results, "m", rounds)["values"] == [40 * 1e9 / (50e9 * 0.8), 40 * 1e9 / 50e9]
