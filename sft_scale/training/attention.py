@@ -122,8 +122,12 @@ def _sdpa_each_example(sdpa, module, query, key, value, cu_seq_lens_q, **kwargs)
     follow the examples' own lengths (no padding to the longest); the loop's per-call overhead
     is small next to CPU attention, and reading the boundaries costs no device sync."""
     bounds = cu_seq_lens_q.tolist()
-    outs = [sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                 is_causal=True, **kwargs)[0] for a, b in zip(bounds, bounds[1:], strict=False)]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    # split, not one slice per example: a slice's backward writes a zero-filled full-row
+    # gradient per example (and autograd then adds them all up); split's backward is one cat.
+    outs = [sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0]
+            for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                               value.split(lengths, dim=2), strict=True)]
     return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim]
 
 
