@@ -147,13 +147,19 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora.enabled:
-            # With frozen embeddings nothing before the first checkpointed block needs a grad,
-            # and backward would fail with "element 0 of tensors does not require grad".
-            model.enable_input_require_grads()
+    # transformers (here) and PEFT (in get_peft_model) each hook the embeddings so that their
+    # output requires grad, which only reentrant checkpointing needs. Ours is non-reentrant, and
+    # with frozen embeddings the hook makes autograd compute the first layer's input gradients
+    # for nothing (tests/unit/training/test_model.py: the grads agree). Each call removes the
+    # hook registered last, so it runs after each of the two.
+    unhook = gc and cfg.lora.enabled
+    if unhook:
+        model.disable_input_require_grads()
 
     if cfg.lora.enabled:
         model = wrap_lora(model, cfg, token_ids, resolved.fast.lora_kernel)
+        if unhook:
+            model.get_base_model().disable_input_require_grads()
     return model
 
 

@@ -67,7 +67,6 @@ def wrap(model, how):
         return model
     if how == "lora_gc":  # as load_model sets up gradient checkpointing with LoRA
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     kw = {"lora": dict(target_modules="all-linear"), "lora_gc": dict(target_modules="all-linear"),
           "lora_fused": dict(target_modules="all-linear"),
           "lora_head_saved": dict(target_modules="all-linear", modules_to_save=["lm_head"]),

@@ -29,7 +29,6 @@ def lora_model(kernel: str, dropout: float = 0.0, checkpointing: bool = False):
                                                  dtype=torch.float32, attn_implementation="sdpa")
     if checkpointing:  # as load_model sets it up: the fused node is recomputed in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     model = wrap_lora(model, config(dropout=dropout), kernel=kernel)
     # B starts at zero, which would hide any error in the adapter's half of the node.
     torch.manual_seed(1)

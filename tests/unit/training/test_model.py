@@ -84,3 +84,34 @@ def test_a_tokenizer_without_eos_is_a_config_error_naming_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=rf"tokenizer '{tokenizer}' has no EOS token: generation "
                                           r"could never stop\. .*or set model\.tokenizer"):
         load_tokenizer(load_config(tmp_path / "c.yaml"))
+
+
+def _lora_grads(tmp_path, gc: bool):
+    (tmp_path / f"gc{gc}.yaml").write_text(
+        "model:\n  name_or_path: builtin:tiny-llama\ndata:\n  train_files: [x.jsonl]\n"
+        f"  max_seq_len: 64\ntraining:\n  gradient_checkpointing: {str(gc).lower()}\n")
+    cfg = load_config(tmp_path / f"gc{gc}.yaml")
+    torch.manual_seed(0)
+    model = load_model(cfg, resolve(cfg, in_job_layout(cfg)))
+    for name, p in model.named_parameters():  # B starts at zero: give every grad a value
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    seen = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: seen.append(out.requires_grad))
+    model.train()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return seen, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_with_lora_leaves_the_embeddings_output_grad_free(tmp_path):
+    """Non-reentrant checkpointing needs no grad-requiring input: the frozen embeddings' output
+    stays grad-free (no first-layer input gradients are computed for nothing), and every LoRA
+    gradient equals the run without checkpointing."""
+    seen, grads = _lora_grads(tmp_path, gc=True)
+    assert seen == [False]
+    _, ref = _lora_grads(tmp_path, gc=False)
+    assert grads.keys() == ref.keys() and all(g is not None for g in grads.values())
+    for n in ref:
+        torch.testing.assert_close(grads[n], ref[n], msg=n)
