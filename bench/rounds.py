@@ -217,4 +217,42 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
                 "yes" if o["min"] <= n["median"] <= o["max"] else "**no**: outside the spread")
             w(f"| {label} | {fmt(o, pct)} | {fmt(n, pct)} | {ok} |")
         w("")
+        L.extend(method_comparison(previous, results, methods, rounds))
+    return L
+
+
+def method_comparison(previous: dict, results: dict, methods: list[M.Method],
+                      rounds: list[dict]) -> list[str]:
+    """Every method of both runs side by side: tok/s, the ratio to the bare step and CPU MFU,
+    each median [min-max] over that run's rounds."""
+    old_runs, old_rounds = previous["runs"], previous.get("rounds") or []
+    names = [m.name for m in methods if per_round(results, m.name) or per_round(old_runs, m.name)]
+    if not names:
+        return []
+    L = ["Every method, both runs side by side (median [min–max] over each run's rounds; "
+         "\"reproduces\" when this run's median lies inside the earlier run's spread):\n",
+         "| method | tok/s, earlier | tok/s, this run | vs bare_step, earlier | "
+         "vs bare_step, this run | CPU MFU, earlier | CPU MFU, this run | reproduces? |",
+         "|---|---|---|---|---|---|---|---|"]
+
+    def tps(runs, name):
+        return stats(list(per_round(runs, name).values()))
+
+    def agrees(o, n):
+        return "–" if not (o and n) else "yes" if o["min"] <= n["median"] <= o["max"] else "no"
+
+    def f0(s):
+        return "–" if not s else f"{s['median']:,.0f} [{s['min']:,.0f}–{s['max']:,.0f}]"
+
+    for name in names:
+        cells = [(tps(old_runs, name), tps(results, name)),
+                 (ratio_per_round(old_runs, name, M.CEILING),
+                  ratio_per_round(results, name, M.CEILING)),
+                 (mfu(old_runs, name, old_rounds), mfu(results, name, rounds))]
+        verdict = "; ".join(f"{what} {agrees(o, n)}" for what, (o, n) in
+                            zip(("tok/s", "vs bare", "MFU"), cells, strict=True))
+        (ot, nt), (ob, nb), (om, nm) = cells
+        L.append(f"| {name} | {f0(ot)} | {f0(nt)} | {fmt(ob)} | {fmt(nb)} | {fmt(om, True)} | "
+                 f"{fmt(nm, True)} | {verdict} |")
+    L.append("")
     return L

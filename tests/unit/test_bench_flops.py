@@ -94,3 +94,22 @@ def test_mfu_and_limit_fraction_use_the_speed_each_method_ran_at():
     assert speed_factor(results["m"][1], lim) == 1.0
     assert limit_fraction(results, "m", rounds)["values"] == [0.5, 0.4]
     assert mfu(results, "m", rounds)["values"] == [40 * 1e9 / (50e9 * 0.8), 40 * 1e9 / 50e9]
+
+
+def test_two_runs_side_by_side_per_method():
+    from bench import methods as M
+    from bench.rounds import method_comparison
+
+    def run(tps_bare, tps_m):
+        runs = {M.CEILING: [{"rep": i, "ok": True, "tokens_per_s": x} for i, x in
+                            enumerate(tps_bare)],
+                "m": [{"rep": i, "ok": True, "tokens_per_s": x} for i, x in enumerate(tps_m)]}
+        return {"runs": runs, "rounds": []}
+
+    earlier = run([100, 110, 90], [200, 210, 190])
+    now = run([100, 100, 100], [300, 300, 300])
+    methods = [M.Method(M.CEILING, "bare", "", ""), M.Method("m", "sft", "", "")]
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in
+            method_comparison(earlier, now["runs"], methods, []) if r.startswith("| ")}
+    assert "tok/s yes; vs bare yes" in rows[M.CEILING]
+    assert "tok/s no; vs bare no" in rows["m"] and "200 [190–210] | 300 [300–300]" in rows["m"]
