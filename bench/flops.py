@@ -105,35 +105,48 @@ def lora_step_workload(model: dict, lengths: list[int], trained: list[int], lora
     return w
 
 
-def measure_throughput(shapes: list[tuple], threads: int, min_time: float = 0.05,
-                       reps: int = 5) -> dict[tuple, float]:
-    """Best FLOP/s of torch.mm / torch.bmm at each shape (fp32, `threads` threads)."""
+def measure_throughput(shapes: list[tuple], threads: int | None, min_time: float = 0.05,
+                       reps: int = 5, device: str = "cpu", dtype=None) -> dict[tuple, float]:
+    """Best FLOP/s of torch.mm / torch.bmm at each shape (`threads` threads on CPU; fp32 unless
+    `dtype`, e.g. bf16 on a GPU, where every timing waits for the device)."""
     import torch
 
-    torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = dtype or torch.float32
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
+
     out = {}
     for shape in shapes:
         if len(shape) == 3:
             m, k, n = shape
-            a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+            a, b = randn(m, k), randn(k, n)
             fn, flops = (lambda a=a, b=b: torch.mm(a, b)), 2 * m * k * n
         else:
             bt, m, k, n = shape
-            a, b = torch.randn(bt, m, k, generator=gen), torch.randn(bt, k, n, generator=gen)
+            a, b = randn(bt, m, k), randn(bt, k, n)
             fn, flops = (lambda a=a, b=b: torch.bmm(a, b)), 2 * bt * m * k * n
         fn()
+        sync()
         t0 = time.perf_counter()
         calls = 0
         while time.perf_counter() - t0 < min_time / 5 or calls < 2:
             fn()
+            sync()
             calls += 1
         inner = max(1, int(calls * 5 * min_time / max(time.perf_counter() - t0, 1e-9) / 5))
         best = float("inf")
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
+            sync()
             best = min(best, (time.perf_counter() - t0) / inner)
         out[shape] = flops / best
     return out

@@ -5,9 +5,12 @@ and steps, with the model's bare training step as the ceiling.
     python -m bench.gpu_check --out $OUT                # on the GPU machine
     python -m bench.gpu_check --dry-run --out /tmp/g    # here: a tiny model on CPU, same code
 
-Per method: real tokens/s over the timed steps, MFU = 6 * N * tokens/s / peak (N = base model
-parameters; peak = 989e12 bf16 dense for an H200 SXM, the datasheet figure in the device docs'
-H200.md; also against ~790e12, the bf16 matmul rate measured on these machines, KINDS.md), and
+Per method: real tokens/s over the timed steps; MFU the way the CPU bench computes it
+(bench/flops.py): the model FLOPs a LoRA step must do per token, counted exactly for this model
+and data, x tokens/s / the dense bf16 GEMM throughput measured on this device in this run, at the
+model's own matrix shapes (before the first method and after the last; their mean), and "of
+limit" against the least time those GEMMs take at the measured throughput; also 6 * N * tokens/s
+against the H200's datasheet 989e12 bf16 dense, for comparison with published figures; and
 torch.cuda.max_memory_allocated. Everything runs in this one process (the imports are paid once);
 the CUDA peak-memory counter is reset before each method. Writes gpu_check.json and
 gpu_check.md to --out.
@@ -29,7 +32,6 @@ from pathlib import Path
 from bench.spec import DataSpec, ModelSpec, Spec, TrainSpec, quick_spec
 
 PEAK_BF16 = 989e12  # H200 SXM dense bf16, datasheet (device docs H200.md)
-MEASURED_BF16 = 790e12  # 8192^3 bf16 matmul measured on these machines (device docs KINDS.md)
 
 # (name, kind, options). Order = priority: later ones are skipped when the time budget runs out.
 METHODS = [
@@ -121,6 +123,34 @@ def run_bare_gpu(spec: Spec, device: str) -> dict:
     return meter.result(t.warmup_steps_excluded, examples=None, distinct_examples=None)
 
 
+def device_limit(spec: Spec, device: str) -> dict:
+    """The physical limit on this device (bench/flops.py): the bench workload's GEMMs timed at
+    their own shapes, bf16 on a GPU (fp32 on CPU, the --dry-run)."""
+    import torch
+
+    from bench.flops import measure_throughput, physical_limit, workload_for
+
+    w = workload_for(spec)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    t0 = time.time()
+    lim = physical_limit(w, measure_throughput(sorted({t.shape for t in w.terms}), None,
+                                               device=device, dtype=dtype))
+    lim.update(dtype=str(dtype).replace("torch.", ""), measure_s=time.time() - t0)
+    return lim
+
+
+def with_mfu(res: dict, spec: Spec, limits: list[dict]) -> dict:
+    """MFU and "of limit" against the mean of the measured limits; 6N against the datasheet."""
+    tps = res.get("tokens_per_s")
+    if not tps or not limits:
+        return res
+    peak = sum(x["peak_gflops"] for x in limits) / len(limits) * 1e9
+    lim_tps = sum(x["limit_tokens_per_s"] for x in limits) / len(limits)
+    res.update(mfu=limits[0]["flops_per_token"] * tps / peak, of_limit=tps / lim_tps,
+               mfu_6n_datasheet=6 * spec.parameters * tps / PEAK_BF16)
+    return res
+
+
 def run_method(name: str, kind: str, opts: dict, spec: Spec, work: Path, device: str) -> dict:
     import torch
 
@@ -147,10 +177,6 @@ def run_method(name: str, kind: str, opts: dict, spec: Spec, work: Path, device:
     res.update(method=name, wall_s=time.perf_counter() - t0, options=opts)
     if cuda:
         res["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    tps = res.get("tokens_per_s")
-    if tps and spec.parameters:
-        res["mfu_6n"] = 6 * spec.parameters * tps / PEAK_BF16
-        res["mfu_6n_measured_peak"] = 6 * spec.parameters * tps / MEASURED_BF16
     return res
 
 
@@ -170,7 +196,8 @@ def environment() -> dict:
     return env
 
 
-def markdown(spec: Spec, results: list[dict], env: dict, command: str, total_s: float) -> str:
+def markdown(spec: Spec, results: list[dict], env: dict, command: str, total_s: float,
+             limits: list[dict]) -> str:
     t = spec.train
     L = ["## GPU check: bf16 LoRA and 8-bit LoRA, ~1B Llama, sft_scale vs TRL\n",
          f"Command: `{command}` ({total_s:.0f} s in all)\n",
@@ -181,21 +208,36 @@ def markdown(spec: Spec, results: list[dict], env: dict, command: str, total_s: 
          f"{spec.model.hidden_size}, {spec.model.num_hidden_layers} layers), bf16 weights; "
          f"LoRA r={t.lora_r} all-linear; micro-batch {t.micro_batch_size}, {t.steps} steps "
          f"({t.warmup_steps_excluded} warm-up not timed); {spec.real_tokens:,} tokens in "
-         f"{t.n_examples} examples (max {spec.data.max_seq_len}).",
-         "- MFU = 6 x N x real tokens/s / 989e12 (H200 dense bf16, datasheet); the last column "
-         "uses ~790e12, the bf16 matmul rate measured on these machines. LoRA computes ~4N per "
-         "token (no weight gradients for the frozen base; ~6N with gradient checkpointing), so "
-         "6N overstates the work done; attention FLOPs are left out.\n",
-         "| method | real tok/s | MFU (6N/989T) | MFU (6N/790T) | max mem allocated GiB | "
-         "pad eff | loss | steps |", "|---|---|---|---|---|---|---|---|"]
+         f"{t.n_examples} examples (max {spec.data.max_seq_len})."]
+    if limits:
+        lim = limits[0]
+        peaks = " and ".join(f"{x['peak_gflops']:,.1f}" for x in limits)
+        L.append(f"- The physical limit (`bench/flops.py`, the CPU bench's formula): "
+                 f"{lim['flops_per_token'] / 1e6:,.2f} MFLOP per real token, counted exactly for "
+                 f"this model and data; {lim['dtype']} GEMM throughput measured on this device "
+                 f"at the model's own shapes before the first method and after the last: peak "
+                 f"{peaks} GFLOP/s, limit "
+                 + " and ".join(f"{x['limit_tokens_per_s']:,.0f}" for x in limits)
+                 + " tok/s. **MFU** = FLOPs per token x tok/s / the mean measured peak; **of "
+                 "limit** = tok/s / the mean limit; **6N MFU** = 6 x N x tok/s / 989e12 (the "
+                 "H200's datasheet dense bf16), only to compare with published figures (LoRA "
+                 "does ~4N per token, not 6N).")
+    L += ["", "| method | real tok/s | MFU (measured peak) | of limit | 6N MFU (datasheet) | "
+          "max mem allocated GiB | pad eff | loss | steps |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if not r.get("ok"):
             err = (r.get("error") or "").strip().splitlines()
-            L.append(f"| {r['method']} | failed: {(err[-1] if err else '?')[:150]} | | | | | | |")
+            L.append(f"| {r['method']} | failed: {(err[-1] if err else '?')[:150]} "
+                     "| | | | | | | |")
             continue
         mem = r.get("max_memory_allocated_gib")
-        L.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {r.get('mfu_6n', 0):.1%} | "
-                 f"{r.get('mfu_6n_measured_peak', 0):.1%} | "
+
+        def pct(key, r=r):
+            return f"{r[key]:.1%}" if key in r else "–"
+
+        L.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {pct('mfu')} | "
+                 f"{pct('of_limit')} | {pct('mfu_6n_datasheet')} | "
                  f"{'–' if mem is None else f'{mem:.1f}'} | {r['padding_efficiency']:.0%} | "
                  f"{r['final_loss']:.3f} | {r['steps']} |")
     return "\n".join(L) + "\n"
@@ -232,6 +274,10 @@ def main(argv=None) -> int:
     spec.sft_config = str(write_config(spec, work / "bench.yaml"))
     print(f"gpu_check: {spec.parameters:,} parameters, {spec.real_tokens:,} tokens, "
           f"{time.time() - t_start:.0f} s so far", flush=True)
+    limits = [device_limit(spec, device)]
+    print(f"gpu_check: physical limit {limits[0]['limit_tokens_per_s']:,.0f} tok/s, peak "
+          f"{limits[0]['peak_gflops']:,.0f} GFLOP/s {limits[0]['dtype']} "
+          f"({limits[0]['measure_s']:.0f} s)", flush=True)
     wanted = args.methods.split(",") if args.methods else None
     results = []
     for name, kind, opts in METHODS:
@@ -243,22 +289,24 @@ def main(argv=None) -> int:
             results.append({"method": name, "ok": False,
                             "error": f"skipped: time budget of {args.budget_s:.0f} s used up"})
             continue
-        r = run_method(name, kind, opts, spec, work, device)
+        r = with_mfu(run_method(name, kind, opts, spec, work, device), spec, limits)
         results.append(r)
-        state = (f"{r['tokens_per_s']:,.0f} tok/s, MFU {r.get('mfu_6n', 0):.1%}, "
+        state = (f"{r['tokens_per_s']:,.0f} tok/s, MFU {r.get('mfu', 0):.1%}, "
                  f"max mem {r.get('max_memory_allocated_gib', float('nan')):.1f} GiB"
                  if r.get("ok") else "FAILED " + (r.get("error") or "").strip()
                  .splitlines()[-1][:200])
         print(f"gpu_check: {name:24s} {state}  ({r['wall_s']:.0f} s)", flush=True)
         (out / "gpu_check.json").write_text(json.dumps(
             {"spec": json.loads(spec.to_json()), "results": results}, indent=1, default=float))
+    limits.append(device_limit(spec, device))  # the device's speed may drift over the run
+    results = [with_mfu(r, spec, limits) for r in results]
     env = environment()
     command = "python -m bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = markdown(spec, results, env, command, time.time() - t_start)
+    md = markdown(spec, results, env, command, time.time() - t_start, limits)
     (out / "gpu_check.md").write_text(md)
     (out / "gpu_check.json").write_text(json.dumps(
         {"spec": json.loads(spec.to_json()), "env": env, "results": results,
-         "peak_bf16": PEAK_BF16, "measured_bf16": MEASURED_BF16}, indent=1, default=float))
+         "limits": limits, "peak_bf16_datasheet": PEAK_BF16}, indent=1, default=float))
     print(md, flush=True)
     return 0 if all(r.get("ok") or "skipped" in r.get("error", "") for r in results) else 1
 

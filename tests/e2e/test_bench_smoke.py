@@ -59,13 +59,18 @@ def test_gpu_check_dry_run_runs_every_method_on_cpu(tmp_path, sft_scale_home):
            "--work", str(tmp_path / "work")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = json.loads((out / "gpu_check.json").read_text())["results"]
+    data = json.loads((out / "gpu_check.json").read_text())
+    results = data["results"]
     assert {r["method"] for r in results} >= {"sft_scale_bf16", "sft_scale_8bit", "sft_scale_4bit"}
+    # the limit is measured on the device (here: the CPU, fp32) before the first method and
+    # after the last, and every method's MFU is taken against it
+    assert len(data["limits"]) == 2 and all(x["peak_gflops"] > 0 for x in data["limits"])
     for r in results:
         assert r["ok"], (r["method"], r.get("error"))
         assert r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"]), r["method"]
+        assert r["mfu"] > 0 and r["of_limit"] > 0, r["method"]
     md = (out / "gpu_check.md").read_text()
-    assert "sft_scale_8bit" in md and "sft_scale_4bit" in md
+    assert "sft_scale_8bit" in md and "sft_scale_4bit" in md and "MFU (measured peak)" in md
 
 
 def test_bench_interleaved_rounds_report_per_round_ratios_and_the_limit(tmp_path, sft_scale_home):
