@@ -85,6 +85,11 @@ def speed_spread(results: dict, rounds: list[dict]) -> dict[int, dict | None]:
     return out
 
 
+def lands_inside(old: dict | None, new: dict | None) -> bool | None:
+    """A second run agrees with the first when its median lies inside the first's spread."""
+    return None if not (old and new) else old["min"] <= new["median"] <= old["max"]
+
+
 def best_trl(results: dict) -> str | None:
     meds = {n: statistics.median(per_round(results, n).values())
             for n in TRL_PEERS if per_round(results, n)}
@@ -213,8 +218,7 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
         for label in dict.fromkeys(list(old) + list(new)):
             o, n = old.get(label), new.get(label)
             pct = "limit" in label or "MFU" in label
-            ok = "–" if not (o and n) else (
-                "yes" if o["min"] <= n["median"] <= o["max"] else "**no**: outside the spread")
+            ok = {None: "–", True: "yes", False: "**no**: outside the spread"}[lands_inside(o, n)]
             w(f"| {label} | {fmt(o, pct)} | {fmt(n, pct)} | {ok} |")
         w("")
         L.extend(method_comparison(previous, results, methods, rounds))
@@ -239,7 +243,7 @@ def method_comparison(previous: dict, results: dict, methods: list[M.Method],
         return stats(list(per_round(runs, name).values()))
 
     def agrees(o, n):
-        return "–" if not (o and n) else "yes" if o["min"] <= n["median"] <= o["max"] else "no"
+        return {None: "–", True: "yes", False: "no"}[lands_inside(o, n)]
 
     def f0(s):
         return "–" if not s else f"{s['median']:,.0f} [{s['min']:,.0f}–{s['max']:,.0f}]"
