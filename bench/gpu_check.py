@@ -232,12 +232,9 @@ def markdown(spec: Spec, results: list[dict], env: dict, command: str, total_s: 
                      "| | | | | | | |")
             continue
         mem = r.get("max_memory_allocated_gib")
-
-        def pct(key, r=r):
-            return f"{r[key]:.1%}" if key in r else "–"
-
-        L.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {pct('mfu')} | "
-                 f"{pct('of_limit')} | {pct('mfu_6n_datasheet')} | "
+        mfu, of_limit, mfu_6n = (f"{r[k]:.1%}" if k in r else "–"
+                                 for k in ("mfu", "of_limit", "mfu_6n_datasheet"))
+        L.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {mfu} | {of_limit} | {mfu_6n} | "
                  f"{'–' if mem is None else f'{mem:.1f}'} | {r['padding_efficiency']:.0%} | "
                  f"{r['final_loss']:.3f} | {r['steps']} |")
     return "\n".join(L) + "\n"
