@@ -19,9 +19,11 @@ Not counted (stated, a few percent at most on this model): embeddings lookups, n
 SiLU, softmax, the loss's exp/log, the optimizer on the LoRA parameters.
 
 Each term's time is its FLOPs divided by the best throughput measured for its GEMM shape (rows =
-the mean real tokens of a micro-batch); the sum is the least time any trainer can take on this
-machine, and `limit_tokens_per_s` = T / that time. `peak_gflops` is the best throughput at any
-of the model's shapes: MFU = model FLOPs per token x tokens/s / peak.
+the mean real tokens of a micro-batch) in either orientation: C = A B (m x k x n) and its
+transpose C^T = B^T A^T (n x k x m) are the same FLOPs, and a trainer may compute either (on this
+CPU the skinny LoRA products differ 2-4x between the two); the sum is the least time any
+trainer can take on this machine, and `limit_tokens_per_s` = T / that time. `peak_gflops` is
+the best throughput at any of the model's shapes: MFU = model FLOPs per token x tokens/s / peak.
 
 The machine's speed drifts (other tenants of the host, its clock): a limit measured a few minutes
 before a method ran would move every MFU with it. So `machine_speed` times one GEMM, the model's
@@ -180,11 +182,22 @@ def machine_speed(shape: tuple, threads: int | None = None, window: float = 1.0)
     return 2 * m * k * n / statistics.median(samples) / 1e9
 
 
+def transposed(shape: tuple) -> tuple:
+    """The same product computed as its transpose: (m, k, n) -> (n, k, m); batched likewise."""
+    *batch, m, k, n = shape
+    return (*batch, n, k, m)
+
+
+def limit_shapes(w: Workload) -> list[tuple]:
+    """Every shape `physical_limit` needs measured: each term's, in both orientations."""
+    return sorted({s for t in w.terms for s in (t.shape, transposed(t.shape))})
+
+
 def physical_limit(w: Workload, throughput: dict[tuple, float]) -> dict:
     by_name: dict[str, dict] = {}
     total_s = 0.0
     for t in w.terms:
-        s = t.flops / throughput[t.shape]
+        s = t.flops / max(throughput.get(t.shape, 0.0), throughput.get(transposed(t.shape), 0.0))
         total_s += s
         d = by_name.setdefault(t.name, {"flops": 0.0, "seconds": 0.0})
         d["flops"] += t.flops
@@ -227,9 +240,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     spec = Spec.load(Path(args.spec))
     w = workload_for(spec)
-    shapes = sorted({t.shape for t in w.terms})
     t0 = time.time()
-    res = physical_limit(w, measure_throughput(shapes, args.threads))
+    res = physical_limit(w, measure_throughput(limit_shapes(w), args.threads))
     ref = reference_shape(w)
     res.update(threads=args.threads, measure_s=time.time() - t0,
                reference={"shape": list(ref), "gflops": machine_speed(ref, args.threads)})

@@ -128,12 +128,12 @@ def device_limit(spec: Spec, device: str) -> dict:
     their own shapes, bf16 on a GPU (fp32 on CPU, the --dry-run)."""
     import torch
 
-    from bench.flops import measure_throughput, physical_limit, workload_for
+    from bench.flops import limit_shapes, measure_throughput, physical_limit, workload_for
 
     w = workload_for(spec)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     t0 = time.time()
-    lim = physical_limit(w, measure_throughput(sorted({t.shape for t in w.terms}), None,
+    lim = physical_limit(w, measure_throughput(limit_shapes(w), None,
                                                device=device, dtype=dtype))
     lim.update(dtype=str(dtype).replace("torch.", ""), measure_s=time.time() - t0)
     return lim

@@ -7,11 +7,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.flops import (
+    limit_shapes,
     lora_step_workload,
     machine_speed,
     measure_throughput,
     physical_limit,
     reference_shape,
+    transposed,
 )
 from bench.rounds import limit_fraction, mfu, ratio_per_round, round_order, speed_factor, stats
 
@@ -51,12 +53,28 @@ def test_attention_counts_causal_pairs_and_the_head_only_trained_positions():
 
 def test_physical_limit_is_the_sum_of_each_term_at_its_own_throughput():
     w = lora_step_workload(SHAPE, [8, 8], [4, 4], lora_r=4, micro_batches=2)
-    shapes = sorted({t.shape for t in w.terms})
-    thr = measure_throughput(shapes, threads=1, min_time=0.002, reps=2)
+    thr = measure_throughput(limit_shapes(w), threads=1, min_time=0.002, reps=2)
     lim = physical_limit(w, thr)
-    assert abs(lim["limit_seconds"] - sum(t.flops / thr[t.shape] for t in w.terms)) < 1e-12
+    want = sum(t.flops / max(thr[t.shape], thr[transposed(t.shape)]) for t in w.terms)
+    assert abs(lim["limit_seconds"] - want) < 1e-12
     assert lim["limit_tokens_per_s"] == 16 / lim["limit_seconds"]
     assert 0 < lim["limit_mfu"] <= 1
+
+
+def test_each_product_is_timed_in_its_faster_orientation():
+    # C = A B and C^T = B^T A^T are the same FLOPs; the limit takes whichever this machine
+    # computes faster (the LoRA weight gradients differ 2-4x on CPU).
+    w = lora_step_workload(SHAPE, [8], [4], lora_r=4, micro_batches=1)
+    shapes = limit_shapes(w)
+    assert all(transposed(s) in shapes for s in shapes)
+    assert transposed((2, 3, 5)) == (5, 3, 2) and transposed((7, 2, 3, 5)) == (7, 5, 3, 2)
+    slow = {s: 1e9 for s in shapes}
+    one = w.terms[0].shape
+    assert transposed(one) != one
+    fast = {**slow, transposed(one): 4e9}
+    gained = physical_limit(w, slow)["limit_seconds"] - physical_limit(w, fast)["limit_seconds"]
+    same = sum(t.flops for t in w.terms if t.shape in (one, transposed(one)))
+    assert abs(gained - (same / 1e9 - same / 4e9)) < 1e-12
 
 
 def test_rounds_rotate_and_ratios_are_taken_within_a_round():
