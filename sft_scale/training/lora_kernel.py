@@ -8,8 +8,8 @@ output is accumulated straight into the frozen GEMM's result (`addmm_` with alph
 its input gradient straight into the frozen input gradient: the same six small GEMMs and one
 large one each way, none of the full-width passes. On the bench model (fp32, CPU;
 docs/BENCHMARKS.md, `sft_scale` against `sft_scale[kernel=peft]` in the same rounds) that is 1-5%
-more tokens/s (medians of four interleaved runs; single rounds -6% to +12%) and 70-110 MB less
-peak RSS (the full-width temporaries are never made).
+more tokens/s (medians of six interleaved runs; single rounds -7% to +16%) and 70-110 MB less
+peak RSS (measured in separate processes; the full-width temporaries are never made).
 
 PEFT stays in charge of everything else: the layer class is PEFT's own `lora.Linear` with only
 `forward` overridden, registered through PEFT's custom-module API, so parameter names, saving,
