@@ -96,12 +96,16 @@ def best_trl(results: dict) -> str | None:
     return max(meds, key=meds.get) if meds else None
 
 
-def key_ratios(results: dict, rounds: list[dict]) -> dict[str, dict | None]:
-    """The ratios the goals are judged on, each a per-round distribution."""
+def key_ratios(results: dict, rounds: list[dict],
+               peers: tuple[str, ...] = ()) -> dict[str, dict | None]:
+    """The ratios the goals are judged on, each a per-round distribution; `peers` adds
+    sft_scale / each named TRL method (two runs whose best TRL method differs compare both)."""
     out = {}
     best = best_trl(results)
     if best:
         out[f"sft_scale / TRL's best ({best})"] = ratio_per_round(results, "sft_scale", best)
+    for peer in peers:
+        out[f"sft_scale / {peer}"] = ratio_per_round(results, "sft_scale", peer)
     out["sft_scale / trl_defaults (fp32)"] = ratio_per_round(results, "sft_scale", "trl_defaults")
     out["sft_scale / bare_step"] = ratio_per_round(results, "sft_scale", M.CEILING)
     out["sft_scale / transformers_trainer"] = ratio_per_round(results, "sft_scale", M.BASELINE)
@@ -207,21 +211,34 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
         w(f"| {label} | {fmt(s, pct)} | {tgt[1] if tgt else ''} | {verdict} |")
     w("")
     if previous:
-        w("### Reproduction: this run against an earlier one\n")
-        w(f"Earlier run: {previous['machine'].get('date', '?')}, git "
-          f"{previous['machine'].get('git_commit', '?')}, command `{previous.get('command')}`. "
-          "A ratio reproduces when this run's median lies inside the earlier run's min–max "
-          "spread.\n")
-        w("| ratio | earlier run | this run | reproduces? |\n|---|---|---|---|")
-        old = key_ratios(previous["runs"], previous.get("rounds") or [])
-        new = key_ratios(results, rounds)
-        for label in dict.fromkeys(list(old) + list(new)):
-            o, n = old.get(label), new.get(label)
-            pct = "limit" in label or "MFU" in label
-            ok = {None: "–", True: "yes", False: "**no**: outside the spread"}[lands_inside(o, n)]
-            w(f"| {label} | {fmt(o, pct)} | {fmt(n, pct)} | {ok} |")
-        w("")
+        L.extend(reproduction(previous, results, rounds))
         L.extend(method_comparison(previous, results, methods, rounds))
+    return L
+
+
+def reproduction(previous: dict, results: dict, rounds: list[dict]) -> list[str]:
+    """The key ratios of an earlier run and this one, with whether this one's median lies
+    inside the earlier run's spread."""
+    L = []
+    w = L.append
+    w("### Reproduction: this run against an earlier one\n")
+    w(f"Earlier run: {previous['machine'].get('date', '?')}, git "
+      f"{previous['machine'].get('git_commit', '?')}, command `{previous.get('command')}`. "
+      "A ratio reproduces when this run's median lies inside the earlier run's min–max "
+      "spread.\n")
+    w("| ratio | earlier run | this run | reproduces? |\n|---|---|---|---|")
+    # Which TRL method is fastest can differ between runs: then each run's best is also
+    # compared by name, in both runs.
+    bests = (best_trl(previous["runs"]), best_trl(results))
+    peers = tuple(dict.fromkeys(b for b in bests if b)) if bests[0] != bests[1] else ()
+    old = key_ratios(previous["runs"], previous.get("rounds") or [], peers)
+    new = key_ratios(results, rounds, peers)
+    for label in dict.fromkeys(list(old) + list(new)):
+        o, n = old.get(label), new.get(label)
+        pct = "limit" in label or "MFU" in label
+        ok = {None: "–", True: "yes", False: "**no**: outside the spread"}[lands_inside(o, n)]
+        w(f"| {label} | {fmt(o, pct)} | {fmt(n, pct)} | {ok} |")
+    w("")
     return L
 
 

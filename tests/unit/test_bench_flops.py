@@ -131,3 +131,21 @@ def test_two_runs_side_by_side_per_method():
             method_comparison(earlier, now["runs"], methods, []) if r.startswith("| ")}
     assert "tok/s yes; vs bare yes" in rows[M.CEILING]
     assert "tok/s no; vs bare no" in rows["m"] and "200 [190–210] | 300 [300–300]" in rows["m"]
+
+
+def test_runs_whose_best_trl_method_differs_compare_both_by_name():
+    from bench.rounds import reproduction
+
+    def one(xs):
+        return [{"rep": i, "ok": True, "tokens_per_s": x} for i, x in enumerate(xs)]
+
+    def run(packing, padding_free):
+        return {"sft_scale": one([300, 300]), "trl_packing": one(packing),
+                "trl_padding_free": one(padding_free), "trl_defaults": one([100, 100])}
+
+    earlier = {"runs": run([150, 150], [140, 140]), "rounds": [], "machine": {}}
+    now = run([140, 140], [150, 150])
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in reproduction(earlier, now, [])
+            if r.startswith("| sft_scale / trl_p")}
+    assert "2.00x [2.00x–2.00x] | 2.14x [2.14x–2.14x] | **no**" in rows["sft_scale / trl_packing"]
+    assert "2.14x [2.14x–2.14x] | 2.00x [2.00x–2.00x]" in rows["sft_scale / trl_padding_free"]
