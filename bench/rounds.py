@@ -121,14 +121,18 @@ def fmt(s: dict | None, pct: bool = False) -> str:
     return f"{f(s['median'])} [{f(s['min'])}–{f(s['max'])}]"
 
 
+def fmt_key(label: str, s: dict | None) -> str:
+    """A key ratio formatted as key_ratios labels it: the limit and MFU in percent."""
+    return fmt(s, pct="limit" in label or "MFU" in label)
+
+
 def summary_line(data: dict) -> str:
     """One line of the key ratios (python -m bench.run --summary)."""
     runs, rounds = data["runs"], data.get("rounds") or []
     parts = []
     for label, s in key_ratios(runs, rounds).items():
         if s:
-            pct = "limit" in label or "MFU" in label
-            parts.append(f"{label}: {fmt(s, pct)}")
+            parts.append(f"{label}: {fmt_key(label, s)}")
     n = max((len(per_round(runs, "sft_scale")),), default=0)
     return (f"bench ({n} interleaved rounds, median [min-max] of per-round ratios; "
             f"{data['machine'].get('date', '?')}): " + "; ".join(parts))
@@ -203,13 +207,12 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
     w("| ratio | median [min–max] | target | |\n|---|---|---|---|")
     targets = {"TRL's best": (2.0, "≥ 2x"), "trl_defaults": (3.0, "≥ 3x")}
     for label, s in key_ratios(results, rounds).items():
-        pct = "limit" in label or "MFU" in label
         tgt = next((t for k, t in targets.items() if k in label), None)
         verdict = "–" if not (s and tgt) else ("**met**" if s["median"] >= tgt[0] else
                                               "**not met**")
         if s and tgt and s["min"] < tgt[0] <= s["max"]:
             verdict += " (the target lies inside the spread)"
-        w(f"| {label} | {fmt(s, pct)} | {tgt[1] if tgt else ''} | {verdict} |")
+        w(f"| {label} | {fmt_key(label, s)} | {tgt[1] if tgt else ''} | {verdict} |")
     w("")
     if previous:
         L.extend(reproduction(previous, results, rounds))
@@ -236,9 +239,8 @@ def reproduction(previous: dict, results: dict, rounds: list[dict]) -> list[str]
     new = key_ratios(results, rounds, peers)
     for label in dict.fromkeys(list(old) + list(new)):
         o, n = old.get(label), new.get(label)
-        pct = "limit" in label or "MFU" in label
         ok = {None: "–", True: "yes", False: "**no**: outside the spread"}[lands_inside(o, n)]
-        w(f"| {label} | {fmt(o, pct)} | {fmt(n, pct)} | {ok} |")
+        w(f"| {label} | {fmt_key(label, o)} | {fmt_key(label, n)} | {ok} |")
     w("")
     return L
 
