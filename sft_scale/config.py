@@ -258,6 +258,11 @@ class TrainingConfig(ReadOnlyAfterLoad):
     runs, else standard (sft_scale/training/loss.py)."""
     torch_compile: bool = False
     """torch.compile the repeated decoder blocks (regional, in place)."""
+    trim_last_layer: bool = True
+    """With the chunked or liger loss: compute the last decoder layer's query projection,
+    attention output projection and MLP only at the positions that predict a trained token, the
+    only ones that loss reads (the same loss and gradients, less work; not with torch_compile).
+    false: every position, as transformers computes it (sft_scale/training/trained_rows.py)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     """adamw: torch's. adamw_8bit: bitsandbytes' block-wise 8-bit states (4x less optimizer
     memory). paged_adamw_8bit / paged_adamw_32bit: bitsandbytes' states in CUDA unified memory,

@@ -48,6 +48,8 @@ class FastPaths:
     lora_kernel: str
     lora_kernel_reason: str
     torch_compile: bool
+    trim_last_layer: bool
+    trim_last_layer_reason: str
     num_workers: int
     pin_memory: bool
     packing_by_lengths: bool = False  # auto said on; the tokenized lengths decide (with_data)
@@ -196,6 +198,17 @@ def resolve_packing(cfg: Config, attn: str, mc=None) -> tuple[bool, str]:
     return True, "auto: on, padding-free rows with attention per example"
 
 
+def resolve_trim_last_layer(cfg: Config, loss: str) -> tuple[bool, str]:
+    """(on?, why) for `training.trim_last_layer` (sft_scale/training/trained_rows.py)."""
+    if not cfg.training.trim_last_layer:
+        return False, "set in the config"
+    if loss not in ("chunked", "liger"):
+        return False, f"the {loss} loss reads every position's logits"
+    if cfg.training.torch_compile:
+        return False, "torch_compile: the trained rows' count changes every batch"
+    return True, f"the {loss} loss reads the trained positions only"
+
+
 def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> FastPaths:
     """What this run will use for attention, packing, loss, compile and data workers. Raises
     ConfigError for a switch that cannot work here (flash_attention_2 without flash_attn, liger
@@ -208,6 +221,7 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> F
     packing, packing_why = resolve_packing(cfg, attn, mc)
     loss, loss_why = resolve_loss(cfg, mc, zero_stage)
     lora_kernel, lora_why = resolve_lora_kernel(cfg, zero_stage)
+    trim, trim_why = resolve_trim_last_layer(cfg, loss)
     return FastPaths(
         attn_implementation=attn,
         attention_kernel=PACKED_SDPA if attn == "sdpa" and packing else attn,
@@ -216,6 +230,7 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> F
         group_by_length=cfg.data.group_by_length and not packing,
         loss=loss, loss_reason=loss_why, lora_kernel=lora_kernel, lora_kernel_reason=lora_why,
         torch_compile=cfg.training.torch_compile,
+        trim_last_layer=trim, trim_last_layer_reason=trim_why,
         num_workers=cfg.data.num_workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
         packing_by_lengths=packing and cfg.data.packing == "auto")

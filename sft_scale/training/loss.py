@@ -47,6 +47,7 @@ from sft_scale import optional
 from sft_scale.data.tokenize import IGNORE_INDEX
 from sft_scale.errors import ConfigError
 from sft_scale.preflight.plan import CHUNK_ELEMENTS, chunked_unsupported
+from sft_scale.training.trained_rows import only_rows, predicting_rows
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,11 @@ def hidden_states(model, inputs: dict, head=None) -> torch.Tensor:
     return out.logits
 
 
-def trained_positions(hidden: torch.Tensor, labels: torch.Tensor):
-    """(hidden states that predict a trained token [n, hidden], those tokens [n])."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1).to(h.device)
-    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-    return h.index_select(0, keep), y.index_select(0, keep)
+def trained_positions(hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
+    """(hidden states that predict a trained token [n, hidden], those tokens [n]); `rows`:
+    trained_rows.predicting_rows(labels)."""
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
+    return h, labels.reshape(-1).index_select(0, rows + 1).to(h.device)
 
 
 # --------------------------------------------------------------------------- the losses
@@ -246,7 +246,12 @@ def summed_loss(model, batch: dict, kind: str) -> torch.Tensor:
     """Cross-entropy summed over the trained tokens of `batch`, the chunked or liger way."""
     _, head = causal_lm_parts(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    h, y = trained_positions(hidden_states(model, inputs, head), batch["labels"])
+    labels = batch["labels"]
+    rows = predicting_rows(labels, IGNORE_INDEX)
+    # Where training.trim_last_layer hooked the last layer, it computes only these rows.
+    with only_rows(rows, labels.numel()):
+        hidden = hidden_states(model, inputs, head)
+    h, y = trained_positions(hidden, labels, rows)
     if kind == "liger":
         return liger_cross_entropy(head, h, y)
     return chunked_cross_entropy(head, h, y)

@@ -18,7 +18,7 @@ from transformers import (
 from sft_scale import optional
 from sft_scale.config import Config, ConfigError
 from sft_scale.model_source import resolve_model_path
-from sft_scale.training import lora_kernel
+from sft_scale.training import lora_kernel, trained_rows
 from sft_scale.training.attention import attention_for_load
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,16 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
     token_ids = resize_for_added_tokens(model, cfg)
 
     gc = cfg.training.gradient_checkpointing
+    trim = resolved.fast.trim_last_layer
+    # A trimmed layer recomputed in backward must see the rows its forward saw.
+    gc_kwargs = {"use_reentrant": False}
+    if trim:
+        gc_kwargs["context_fn"] = trained_rows.recompute_context
     if quant is not None:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs)
     elif gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     # transformers (here) and PEFT (in get_peft_model) each hook the embeddings so that their
     # output requires grad, which only reentrant checkpointing needs. Ours is non-reentrant, and
     # with frozen embeddings the hook makes autograd compute the first layer's input gradients
@@ -160,6 +164,11 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
         model = wrap_lora(model, cfg, token_ids, resolved.fast.lora_kernel)
         if unhook:
             model.get_base_model().disable_input_require_grads()
+    if trim:  # after PEFT: the hooks go on the modules PEFT put in place
+        names, why = trained_rows.install(
+            model.get_base_model() if cfg.lora.enabled else model)
+        log.info("trim_last_layer: %s", f"at trained positions only: {why}" if names
+                 else f"nothing to trim ({why}); every position is computed")
     return model
 
 
