@@ -15,6 +15,12 @@ What a LoRA step must compute, per layer and per real token (T tokens in the epo
   QK^T and AV 2 x 2 h P; backward dQ, dK, dV, dP 4 x 2 h P: 12 h P in all (h = hidden size).
 - LM head (frozen, h x V): forward and input gradient 2 x 2 h V, only at positions whose next
   token is trained (the loss needs no other logits).
+- The last layer: what it computes position by position after the keys and values (q_proj,
+  o_proj, the MLP, their LoRA terms) and its attention pairs feed only the hidden state at their
+  own position, which the loss reads only where the next token is trained; they are counted at
+  those positions only (`trained_only_last_layer`). Its attention counts the pairs whose query
+  predicts a trained token; the trained tokens are taken to be each example's last ones (the
+  bench's single-turn completions).
 Not counted (stated, a few percent at most on this model): embeddings lookups, norms, RoPE,
 SiLU, softmax, the loss's exp/log, the optimizer on the LoRA parameters.
 
@@ -67,7 +73,8 @@ class Workload:
 
 
 def lora_step_workload(model: dict, lengths: list[int], trained: list[int], lora_r: int,
-                       micro_batches: int, attention: bool = True) -> Workload:
+                       micro_batches: int, attention: bool = True,
+                       trained_only_last_layer: bool = True) -> Workload:
     """The FLOPs of one epoch of LoRA (all-linear) training over examples of `lengths` tokens,
     `trained[i]` of which are loss positions, for a Llama-shaped `model` config dict."""
     h, inter = model["hidden_size"], model["intermediate_size"]
@@ -84,23 +91,30 @@ def lora_step_workload(model: dict, lengths: list[int], trained: list[int], lora
                "down_proj": (inter, h)}
     # In layer 0 these read the normed (frozen) embeddings: no input gradient is needed.
     first_layer_inputs = {"q_proj", "k_proj", "v_proj"}
+    # In the last layer these feed only their own position's output (see the docstring).
+    own_position = {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     w = Workload(real_tokens=T, trained_tokens=Tt)
     for layer in range(layers):
+        last = trained_only_last_layer and layer == layers - 1
         for name, (din, dout) in linears.items():
+            n, m = (Tt, Mt) if last and name in own_position else (T, M)
             needs_input_grad = layer > 0 or name not in first_layer_inputs
-            w.add("frozen forward", 2 * T * din * dout, (M, din, dout))
+            w.add("frozen forward", 2 * n * din * dout, (m, din, dout))
             if needs_input_grad:
-                w.add("frozen input grad", 2 * T * din * dout, (M, dout, din))
-            w.add("lora forward", 2 * T * din * r, (M, din, r))
-            w.add("lora forward", 2 * T * r * dout, (M, r, dout))
-            w.add("lora weight grad", 2 * T * din * r, (din, M, r))
-            w.add("lora weight grad", 2 * T * r * dout, (r, M, dout))
-            w.add("lora input grad", 2 * T * dout * r, (M, dout, r))
+                w.add("frozen input grad", 2 * n * din * dout, (m, dout, din))
+            w.add("lora forward", 2 * n * din * r, (m, din, r))
+            w.add("lora forward", 2 * n * r * dout, (m, r, dout))
+            w.add("lora weight grad", 2 * n * din * r, (din, m, r))
+            w.add("lora weight grad", 2 * n * r * dout, (r, m, dout))
+            w.add("lora input grad", 2 * n * dout * r, (m, dout, r))
             if needs_input_grad:
-                w.add("lora input grad", 2 * T * r * din, (M, r, din))
+                w.add("lora input grad", 2 * n * r * din, (m, r, din))
         if attention:
             mean_len = max(1, round(sum(lengths) / len(lengths)))
             pairs = sum(L * (L + 1) // 2 for L in lengths)
+            if last:  # queries at positions L-t-1 .. L-2 see i + 1 keys each
+                pairs = sum(t * (2 * L - t - 1) // 2 for L, t in zip(lengths, trained,
+                                                                       strict=True))
             w.add("attention", 12 * h * pairs, (heads, mean_len, hd, mean_len))
     w.add("lm head forward", 2 * Tt * h * vocab, (Mt, h, vocab))
     w.add("lm head input grad", 2 * Tt * h * vocab, (Mt, vocab, h))

@@ -96,6 +96,7 @@ SFT_SWITCHES: list[tuple[str, list]] = [
     ("training.loss", ["standard", "chunked", "liger"]),
     ("lora.kernel", ["auto", "peft"]),
     ("training.torch_compile", [True]),
+    ("training.trim_last_layer", [True, False]),
     ("data.num_workers", [2]),
     ("data.pin_memory", [True, False]),
 ]

@@ -21,11 +21,15 @@ SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_lay
              num_attention_heads=4, num_key_value_heads=2)
 
 
-def _counted_matmul_flops(length: int, r: int) -> int:
+def _lora_model(r: int):
     torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=64)),
-                           LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                      target_modules="all-linear"))
+    return get_peft_model(LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=64)),
+                          LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                     target_modules="all-linear"))
+
+
+def _counted_matmul_flops(length: int, r: int) -> int:
+    model = _lora_model(r)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, length))
     counter = FlopCounterMode(display=False)
     with counter:
@@ -46,9 +50,39 @@ def test_attention_counts_causal_pairs_and_the_head_only_trained_positions():
     w = lora_step_workload(SHAPE, [4, 6], [1, 2], lora_r=4, micro_batches=1)
     att = sum(t.flops for t in w.terms if t.name == "attention")
     pairs = 4 * 5 // 2 + 6 * 7 // 2
-    assert att == SHAPE["num_hidden_layers"] * 12 * SHAPE["hidden_size"] * pairs
+    # the last layer: only the queries that predict a trained token (the examples' last ones:
+    # position 2 of the first, 3 and 4 of the second)
+    last_pairs = 3 + (4 + 5)
+    layers = SHAPE["num_hidden_layers"]
+    assert att == 12 * SHAPE["hidden_size"] * ((layers - 1) * pairs + last_pairs)
     head = sum(t.flops for t in w.terms if t.name.startswith("lm head"))
     assert head == 2 * 2 * 3 * SHAPE["hidden_size"] * SHAPE["vocab_size"]
+
+
+def test_trimmed_last_layer_flops_equal_torch_flop_counter():
+    # sft_scale's step with training.trim_last_layer (the chunked loss at trained positions,
+    # the last layer's q/o/MLP there only) does exactly the GEMM FLOPs the limit counts.
+    from sft_scale.training import trained_rows
+    from sft_scale.training.loss import summed_loss
+
+    length, prompt, r = 13, 5, 4
+    model = _lora_model(r)
+    names, _ = trained_rows.install(model.get_base_model())
+    assert names
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, length))
+    labels = ids.clone()
+    labels[0, :prompt] = -100
+    counter = FlopCounterMode(display=False)
+    with counter:
+        summed_loss(model, {"input_ids": ids, "labels": labels}, "chunked").backward()
+    counts = counter.get_flop_counts()["Global"]
+    counted = sum(n for op, n in counts.items() if "mm" in str(op))
+    w = lora_step_workload(SHAPE, [length], [length - prompt], r, micro_batches=1,
+                           attention=False)
+    assert w.flops == counted
+    full = lora_step_workload(SHAPE, [length], [length - prompt], r, micro_batches=1,
+                              attention=False, trained_only_last_layer=False)
+    assert w.flops < full.flops
 
 
 def test_physical_limit_is_the_sum_of_each_term_at_its_own_throughput():
