@@ -343,7 +343,8 @@ def build(spec: Spec, lengths: list[int], methods: list[M.Method], results: dict
           f"{_f(_ratio(c_tps, trl.get('trl_defaults', {}).get('tokens_per_s')), '{:.2f}x')} "
           "trl_defaults in this run; beyond that only computing less than the bare step does "
           "(sft_scale's chunked loss skips the logits of untrained positions, which with a "
-          "vocabulary as small as this model's saves little).\n")
+          "vocabulary as small as this model's saves little, and its trim_last_layer the last "
+          "layer's q/o projections and MLP there).\n")
     if gc and best_trl and lo_trl:
         w(f"At TRL's own memory trade-off (gradient checkpointing on, as TRL's default): "
           f"sft_scale[gradient_checkpointing=true] runs at "

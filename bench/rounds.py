@@ -156,10 +156,11 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
           f"real token, {lim0['real_tokens']:,} real tokens, {lim0['trained_tokens']:,} "
           "trained), counted exactly for the bench model (`bench/flops.py` states the formula: "
           "frozen forward + input gradients, LoRA forward/backward, causal attention pairs, "
-          "the LM head at trained positions only). Each term at the GEMM throughput this CPU "
-          f"reaches at that term's own shape ({lim0['threads']} thread(s), fp32, best of "
-          "several timings, in the faster of A B and (B^T A^T)^T) gives the least time any "
-          "trainer can take.\n")
+          "the LM head and the last layer's own-position work (q/o projections, MLP, the "
+          "attention of its queries) at trained positions only). Each term at the GEMM "
+          f"throughput this CPU reaches at that term's own shape ({lim0['threads']} thread(s), "
+          "fp32, best of several timings, in the faster of A B and (B^T A^T)^T) gives the "
+          "least time any trainer can take.\n")
         w("| term | GFLOP | GFLOP/s at its shapes | seconds at the limit |\n|---|---|---|---|")
         for k, v in lim0["terms"].items():
             w(f"| {k} | {v['gflops']:,.3g} | {v['gflop_per_s']:.1f} | {v['seconds']:.3g} |")
