@@ -229,7 +229,7 @@ def physical_limit(w: Workload, throughput: dict[tuple, float]) -> dict:
                                   for s, f in sorted(throughput.items())}}
 
 
-def workload_for(spec: Spec) -> Workload:
+def workload_for(spec: Spec, trained_only_last_layer: bool = True) -> Workload:
     """The bench job's workload: its model config and the exact tokens of its data file."""
     from bench.data import encode, load_tokenizer
 
@@ -243,7 +243,8 @@ def workload_for(spec: Spec) -> Workload:
             # a label at position i is predicted from position i-1: one logit per trained token
             trained.append(sum(1 for x in enc["labels"] if x != -100))
     micro = spec.train.steps * spec.train.gradient_accumulation_steps
-    return lora_step_workload(model, lengths, trained, spec.train.lora_r, micro)
+    return lora_step_workload(model, lengths, trained, spec.train.lora_r, micro,
+                              trained_only_last_layer=trained_only_last_layer)
 
 
 def main(argv=None) -> int:

@@ -102,3 +102,18 @@ def test_bench_interleaved_rounds_report_per_round_ratios_and_the_limit(tmp_path
     assert summary.returncode == 0, summary.stderr
     line = summary.stdout.strip()
     assert "\n" not in line and "sft_scale / bare_step" in line and "CPU MFU" in line
+
+
+def test_trim_last_layer_ab_reports_the_pairs_and_the_predicted_ratio(tmp_path, sft_scale_home):
+    out = tmp_path / "TRIM.md"
+    env = dict(os.environ, SFT_SCALE_BENCH_CACHE=str(tmp_path / "cache"),
+               SFT_SCALE_HOME=str(sft_scale_home))
+    cmd = [sys.executable, "-m", "bench.trim_last_layer", "--quick", "--rounds", "2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    assert "layers.1.mlp" in text and "layers.1.self_attn.q_proj" in text
+    assert text.count("x |") == 2  # one row per round
+    predicted = float(text.split("predicts ")[1].split("x")[0])
+    assert predicted > 1.0  # the tiny model's prompts are untrained too: less work trimmed
