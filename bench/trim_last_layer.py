@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         "| round | untrimmed s | trimmed s | speed-up |", "|---|---|---|---|",
         *[f"| {i + 1} | {a:.2f} | {b:.2f} | {a / b:.3f}x |" for i, (a, b) in enumerate(per_round)],
         "",
-        f"**Speed-up, median [min–max] over rounds: {fmt(s, '{:.3f}x')}.** The FLOP count "
+        f"**Speed-up, median [min–max] over rounds: {fmt(s)}.** The FLOP count "
         f"predicts {predicted:.3f}x for the LoRA epoch's GEMM work ({w_full.flops / 1e9:.1f} "
         f"against {w_trim.flops / 1e9:.1f} GFLOP).\n"])
     if args.out:
