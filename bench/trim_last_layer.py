@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     full, trimmed, names = models(spec)
     for b in batches:  # warm-up: allocations, lazy init
         step_seconds(full, b), step_seconds(trimmed, b)
-    ratios, per_round = [], []
+    per_round = []
     for r in range(args.rounds):
         t_full = t_trim = 0.0
         for i, b in enumerate(batches):
@@ -109,7 +109,6 @@ def main(argv=None) -> int:
                     t_full += s
                 else:
                     t_trim += s
-        ratios.append(t_full / t_trim)
         per_round.append((t_full, t_trim))
         print(f"[round {r + 1}] untrimmed {t_full:.2f} s, trimmed {t_trim:.2f} s: "
               f"{t_full / t_trim:.3f}x", flush=True)
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
     predicted = w_full.flops / w_trim.flops
     command = "python -m bench.trim_last_layer " + shlex.join(
         argv if argv is not None else sys.argv[1:])
-    s = stats(ratios)
+    s = stats([a / b for a, b in per_round])
     text = "\n".join([
         "# trim_last_layer: on against off (one process, back-to-back pairs)\n",
         f"Command: `.venv/bin/{command}` (torch {torch.__version__}, {args.threads} thread(s); "
