@@ -34,7 +34,8 @@ the best throughput at any of the model's shapes: MFU = model FLOPs per token x 
 The machine's speed drifts (other tenants of the host, its clock): a limit measured a few minutes
 before a method ran would move every MFU with it. So `machine_speed` times one GEMM, the model's
 largest frozen-forward shape (`reference_shape`), as the median of many calls over a short window;
-the limit records it, and the bench worker measures it again just before and just after each
+the limit records it (`reference_speed`: the faster of two windows, before and after its own
+throughput measurement), and the bench worker measures it again just before and just after each
 method's run. A method's limit and peak are scaled by (its own bracket / the limit's), so each
 method is judged against the machine as fast as it was while that method ran.
 """
@@ -196,6 +197,16 @@ def machine_speed(shape: tuple, threads: int | None = None, window: float = 1.0)
     return 2 * m * k * n / statistics.median(samples) / 1e9
 
 
+def reference_speed(probes: list[float]) -> float:
+    """The machine's speed while the limit was measured, from probes taken before and after it.
+
+    The limit's per-shape throughputs are best-of timings, which a moment of contention does not
+    move; a single probe window can be (round 1 of two runs on 2026-12-02 read 22 GFLOP/s against
+    a 33-35 GFLOP/s peak in the same process, which then scaled every method's limit of that round
+    by 1.4-1.55x). The faster window is the one that saw the machine as the throughputs did."""
+    return max(probes)
+
+
 def transposed(shape: tuple) -> tuple:
     """The same product computed as its transpose: (m, k, n) -> (n, k, m); batched likewise."""
     *batch, m, k, n = shape
@@ -255,11 +266,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     spec = Spec.load(Path(args.spec))
     w = workload_for(spec)
-    t0 = time.time()
-    res = physical_limit(w, measure_throughput(limit_shapes(w), args.threads))
     ref = reference_shape(w)
+    t0 = time.time()
+    before = machine_speed(ref, args.threads)
+    res = physical_limit(w, measure_throughput(limit_shapes(w), args.threads))
+    probes = [before, machine_speed(ref, args.threads)]
     res.update(threads=args.threads, measure_s=time.time() - t0,
-               reference={"shape": list(ref), "gflops": machine_speed(ref, args.threads)})
+               reference={"shape": list(ref), "gflops": reference_speed(probes),
+                          "probes": probes})
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"limit {res['limit_tokens_per_s']:.0f} tok/s, peak {res['peak_gflops']:.1f} GFLOP/s, "
           f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token", flush=True)

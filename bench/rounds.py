@@ -169,10 +169,15 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
     probe = next((r["limit"]["reference"] for r in rounds
                   if (r.get("limit") or {}).get("reference")), None)
     if probe:
+        # Runs before 2026-12-02 05:50 UTC recorded one probe window in the limit's process.
+        where = (" (two windows, before and after its throughput measurement: the faster "
+                 "counts, as its best-of throughputs ignore a moment of contention)"
+                 if probe.get("probes") else "")
         w(f"**The machine's speed while each method ran.** The limit is measured once per round, "
           f"but the machine's speed drifts within a round (other tenants, the host's clock). So "
           f"one GEMM, the model's largest ({'x'.join(map(str, probe['shape']))}), is timed as "
-          "the median of many calls in the limit's process and again just before and just after "
+          f"the median of many calls in the limit's process{where} and again just before and "
+          "just after "
           "every method's run, in that method's process. A method's limit and peak are scaled by "
           "its own probe / the limit's probe; the last column shows that factor's spread over "
           "the runs of each round.\n")

@@ -1,6 +1,7 @@
 """bench/flops.py's FLOP count against an independent one: torch's FlopCounterMode on a real
 PEFT LoRA step of a tiny Llama. Counts only: no timing is asserted."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,6 +14,7 @@ from bench.flops import (
     measure_throughput,
     physical_limit,
     reference_shape,
+    reference_speed,
     transposed,
 )
 from bench.rounds import limit_fraction, mfu, ratio_per_round, round_order, speed_factor, stats
@@ -132,6 +134,14 @@ def test_machine_speed_probe_is_the_largest_frozen_gemm():
     # the larger shape tuple, here down_proj's)
     assert reference_shape(w) == (8, SHAPE["intermediate_size"], SHAPE["hidden_size"])
     assert machine_speed((8, 4, 4), window=0.001) > 0
+
+
+def test_a_slow_probe_window_does_not_set_the_limits_reference_speed():
+    """A moment of contention in one of the limit's two probe windows would otherwise scale
+    every method's limit in that round (speed factor = method's probe / the reference)."""
+    assert reference_speed([22.2, 34.1]) == reference_speed([34.1, 22.2]) == 34.1
+    lim = {"reference": {"gflops": reference_speed([22.2, 34.1])}}
+    assert speed_factor({"machine_gflops": [33.9, 34.3]}, lim) == pytest.approx(1.0, abs=0.01)
 
 
 def test_mfu_and_limit_fraction_use_the_speed_each_method_ran_at():
