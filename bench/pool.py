@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,7 @@ RUN_PATHS = ("model_dir", "data_file", "sft_config")
 @dataclass(frozen=True)
 class Metric:
     label: str
-    values: object  # (results, rounds) -> stats dict or None
+    values: Callable[[dict, list[dict]], dict | None]  # (results, rounds) -> stats
     target: float | None = None
     pct: bool = False
 
@@ -229,8 +231,7 @@ def main(argv=None) -> int:
     except PoolError as e:
         print(f"bench.pool: {e}", file=sys.stderr)
         return 2
-    command = "python -m bench.pool " + " ".join(args.runs) + (
-        f" --out {args.out}" if args.out else "")
+    command = "python -m bench.pool " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(runs, pool(runs), command)
     if args.out:
         Path(args.out).write_text(text)

@@ -177,10 +177,9 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
           f"but the machine's speed drifts within a round (other tenants, the host's clock). So "
           f"one GEMM, the model's largest ({'x'.join(map(str, probe['shape']))}), is timed as "
           f"the median of many calls in the limit's process{where} and again just before and "
-          "just after "
-          "every method's run, in that method's process. A method's limit and peak are scaled by "
-          "its own probe / the limit's probe; the last column shows that factor's spread over "
-          "the runs of each round.\n")
+          "just after every method's run, in that method's process. A method's limit and peak "
+          "are scaled by its own probe / the limit's probe; the last column shows that "
+          "factor's spread over the runs of each round.\n")
     w("| round | order | load avg start → end | limit tok/s | peak GEMM GFLOP/s | "
       "probe GFLOP/s | machine speed while methods ran (x the limit's) |")
     w("|---|---|---|---|---|---|---|")
