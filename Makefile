@@ -13,6 +13,13 @@ TORCH_SPEC ?= torch==2.13.0
 # packages at install time into a cache outside the repo; tests never reach the network.
 FIXTURE_SOURCES ?= $(HOME)/.cache/sft_scale/fixture-sources
 
+# The suite mostly waits on one process at a time (start-up, imports, a tiny model's steps): on
+# 2 cores a single pytest process keeps about one busy. Two workers use both. `loadfile` keeps
+# each test file in one worker, so a module's shared fixtures (a trained run, the local SLURM
+# cluster with its munge and /etc/hosts entries) exist once. TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -34,10 +41,10 @@ demo: install
 	$(VENV)/bin/sft-scale demo --output-dir runs/demo
 
 test: install $(FIXTURE_SOURCES)/.complete
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: install $(FIXTURE_SOURCES)/.complete
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache
