@@ -34,7 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.rounds import limit_fraction, mfu, per_round, ratio_per_round
+from bench.rounds import (
+    TRL_BEST_TARGET,
+    TRL_DEFAULTS_TARGET,
+    goal_verdict,
+    limit_fraction,
+    mfu,
+    per_round,
+    ratio_per_round,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, RESAMPLES, LEVEL = 0, 10_000, 0.95
@@ -52,11 +60,11 @@ class Metric:
 
 METRICS = (
     Metric("sft_scale / trl_packing", lambda r, rd: ratio_per_round(r, "sft_scale", "trl_packing"),
-           2.0),
+           TRL_BEST_TARGET),
     Metric("sft_scale / trl_padding_free",
-           lambda r, rd: ratio_per_round(r, "sft_scale", "trl_padding_free"), 2.0),
+           lambda r, rd: ratio_per_round(r, "sft_scale", "trl_padding_free"), TRL_BEST_TARGET),
     Metric("sft_scale / trl_defaults (fp32)",
-           lambda r, rd: ratio_per_round(r, "sft_scale", "trl_defaults"), 3.0),
+           lambda r, rd: ratio_per_round(r, "sft_scale", "trl_defaults"), TRL_DEFAULTS_TARGET),
     Metric("sft_scale / transformers_trainer",
            lambda r, rd: ratio_per_round(r, "sft_scale", "transformers_trainer")),
     Metric("sft_scale / bare_step", lambda r, rd: ratio_per_round(r, "sft_scale", "bare_step")),
@@ -155,16 +163,6 @@ def cluster_bootstrap(groups: list[list[float]], resamples: int = RESAMPLES,
     return lo, hi
 
 
-def verdict(lo: float, hi: float, target: float | None) -> str:
-    if target is None:
-        return "–"
-    if lo >= target:
-        return "**met**: the whole interval is at or above it"
-    if hi < target:
-        return "**not met**: the whole interval is below it"
-    return "**on the line**: the interval holds the target"
-
-
 def pool(runs: list[dict]) -> list[dict]:
     rows = []
     for m in METRICS:
@@ -175,7 +173,7 @@ def pool(runs: list[dict]) -> list[dict]:
         lo, hi = cluster_bootstrap(groups)
         rows.append({"metric": m, "groups": groups, "median": statistics.median(pooled),
                      "lo": lo, "hi": hi, "min": min(pooled), "max": max(pooled),
-                     "verdict": verdict(lo, hi, m.target)})
+                     "verdict": goal_verdict(lo, hi, m.target, "interval")})
     return rows
 
 
