@@ -30,6 +30,9 @@ transpose C^T = B^T A^T (n x k x m) are the same FLOPs, and a trainer may comput
 CPU the skinny LoRA products differ 2-4x between the two); the sum is the least time any
 trainer can take on this machine, and `limit_tokens_per_s` = T / that time. `peak_gflops` is
 the best throughput at any of the model's shapes: MFU = model FLOPs per token x tokens/s / peak.
+`square_gemm` is the throughput of a large square GEMM in the same process (`SQUARE_SHAPE`): the
+speed this CPU's BLAS reaches when the matrices are not small, which the model's shapes are
+compared with.
 
 The machine's speed drifts (other tenants of the host, its clock): a limit measured a few minutes
 before a method ran would move every MFU with it. So `machine_speed` times one GEMM, the model's
@@ -169,6 +172,11 @@ def measure_throughput(shapes: list[tuple], threads: int | None, min_time: float
     return out
 
 
+# A GEMM large enough that the BLAS runs at its steady-state speed on this CPU: the model's shapes
+# are judged against it, to tell whether their size (small matrices) is what holds a trainer back.
+SQUARE_SHAPE = (1024, 1024, 1024)
+
+
 def reference_shape(w: Workload) -> tuple:
     """The frozen-forward GEMM shape with the most FLOPs: the machine-speed probe."""
     terms = [t for t in w.terms if t.name == "frozen forward" and len(t.shape) == 3]
@@ -270,8 +278,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     before = machine_speed(ref, args.threads)
     res = physical_limit(w, measure_throughput(limit_shapes(w), args.threads))
+    square = measure_throughput([SQUARE_SHAPE], args.threads)[SQUARE_SHAPE]
     probes = [before, machine_speed(ref, args.threads)]
     res.update(threads=args.threads, measure_s=time.time() - t0,
+               square_gemm={"shape": list(SQUARE_SHAPE), "gflops": square / 1e9},
                reference={"shape": list(ref), "gflops": reference_speed(probes),
                           "probes": probes})
     Path(args.out).write_text(json.dumps(res, indent=1))

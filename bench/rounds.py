@@ -169,6 +169,20 @@ def summary_line(data: dict) -> str:
             f"{data['machine'].get('date', '?')}): " + "; ".join(parts))
 
 
+def small_matrices(limit: dict) -> str:
+    """Whether the model's matrix sizes are what limits a trainer: each term's throughput at its
+    own shapes against a large square GEMM timed in the same process."""
+    sq = limit["square_gemm"]
+    n = "x".join(map(str, sq["shape"]))
+    terms = sorted(limit["terms"].items(), key=lambda kv: -kv[1]["seconds"])
+    flops = sum(v["gflops"] for _, v in terms)
+    parts = "; ".join(f"{k} {v['gflop_per_s'] / sq['gflops']:.0%} ({v['gflops'] / flops:.0%} "
+                      "of the FLOPs)" for k, v in terms)
+    return (f"**Small matrices?** A {n} GEMM, large enough for the BLAS to reach its "
+            f"steady-state speed, ran at {sq['gflops']:.1f} GFLOP/s in the limit's process. Each "
+            f"term's shapes reach, of that: {parts}.\n")
+
+
 def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
              previous: dict | None) -> list[str]:
     L = []
@@ -196,6 +210,8 @@ def markdown(results: dict, methods: list[M.Method], rounds: list[dict],
         for k, v in lim0["terms"].items():
             w(f"| {k} | {v['gflops']:,.3g} | {v['gflop_per_s']:.1f} | {v['seconds']:.3g} |")
         w("")
+        if lim0.get("square_gemm"):
+            w(small_matrices(lim0))
     speeds = speed_spread(results, rounds)
     probe = next((r["limit"]["reference"] for r in rounds
                   if (r.get("limit") or {}).get("reference")), None)

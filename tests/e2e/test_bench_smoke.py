@@ -92,12 +92,14 @@ def test_bench_interleaved_rounds_report_per_round_ratios_and_the_limit(tmp_path
         ref = r["limit"]["reference"]
         # two probe windows around the throughput measurement; the faster is the reference
         assert len(ref["probes"]) == 2 and ref["gflops"] == max(ref["probes"]) > 0
+        assert r["limit"]["square_gemm"]["gflops"] > 0
     assert sorted(x["rep"] for x in data["runs"]["sft_scale"]) == [0, 1]
     # every run is bracketed by the machine-speed probe, in its own process
     assert all(len(x["machine_gflops"]) == 2 and min(x["machine_gflops"]) > 0
                for rs in data["runs"].values() for x in rs)
     md = out.read_text()
     assert "## Interleaved rounds" in md and "CPU MFU" in md and "probe GFLOP/s" in md
+    assert "**Small matrices?** A 1024x1024x1024 GEMM" in md
     summary = subprocess.run([sys.executable, "-m", "bench.run", "--summary", "--from-json",
                               str(out.with_suffix(".json"))], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)

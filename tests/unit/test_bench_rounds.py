@@ -31,3 +31,14 @@ def test_a_run_whose_median_meets_a_goal_but_one_round_misses_it_is_on_the_line(
     s, target, verdict = rows["sft_scale / TRL's best (trl_packing)"]
     assert s["min"] >= 2.0 and verdict.startswith("**met**") and target == "≥ 2x"
     assert rows["sft_scale / bare_step"][1:] == ("", "–")
+
+
+def test_small_matrices_puts_each_term_against_the_square_gemm_largest_time_first():
+    limit = {"square_gemm": {"shape": [1024, 1024, 1024], "gflops": 40.0},
+             "terms": {"lora forward": {"gflops": 1.0, "gflop_per_s": 10.0, "seconds": 0.1},
+                       "frozen forward": {"gflops": 3.0, "gflop_per_s": 36.0, "seconds": 0.083},
+                       "attention": {"gflops": 4.0, "gflop_per_s": 20.0, "seconds": 0.2}}}
+    text = rounds.small_matrices(limit)
+    assert "A 1024x1024x1024 GEMM" in text and "40.0 GFLOP/s" in text
+    assert text.index("attention 50% (50% of the FLOPs)") < text.index(
+        "lora forward 25% (12% of the FLOPs)") < text.index("frozen forward 90% (38% of")
