@@ -17,9 +17,10 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFL
 # cores per process) oversubscribes, and its threads then spin against each other: on 2 cores the
 # unit tests took 244 s in two workers at 2 threads each, 88 s at 1 thread, 140 s in one process.
 # Before torch is imported, so that it takes effect in this process as well.
+# The cores this process may run on (a container or taskset can allow fewer than the host has).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(
-        1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+        1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture(scope="session", autouse=True)
