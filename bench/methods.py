@@ -97,6 +97,7 @@ SFT_SWITCHES: list[tuple[str, list]] = [
     ("lora.kernel", ["auto", "peft"]),
     ("training.torch_compile", [True]),
     ("training.trim_last_layer", [True, False]),
+    ("training.layer_kernels", ["auto", "transformers"]),
     ("data.num_workers", [2]),
     ("data.pin_memory", [True, False]),
 ]

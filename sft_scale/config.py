@@ -258,6 +258,11 @@ class TrainingConfig(ReadOnlyAfterLoad):
     runs, else standard (sft_scale/training/loss.py)."""
     torch_compile: bool = False
     """torch.compile the repeated decoder blocks (regional, in place)."""
+    layer_kernels: Literal["auto", "fused", "transformers"] = "auto"
+    """fused: each RMSNorm and rotary embedding as one autograd node, in fewer passes over memory
+    (fp32; used where checked equal to transformers' own, sft_scale/training/layer_kernels.py).
+    transformers: its own ops. auto: fused for fp32 models, except with torch_compile or
+    DeepSpeed ZeRO-3."""
     trim_last_layer: bool = True
     """With the chunked or liger loss: compute the last decoder layer's query projection,
     attention output projection and MLP only at the positions that predict a trained token, the

@@ -77,7 +77,8 @@ def run_check(config: str, overrides: list[str], output_dir: str | None, layout:
     mc, fast, stage = resolved.model_config, resolved.fast, resolved.zero_stage
     shape = model_shape(mc if mc is not None else cfg)
     report["fast_paths"] = {k: fast.as_dict()[k] for k in ("attention_kernel", "packing", "loss",
-                                                           "lora_kernel", "torch_compile")}
+                                                           "lora_kernel", "layer_kernels",
+                                                           "torch_compile")}
     tokenizer = load_tokenizer(cfg)
     trainable = lora_params(shape, cfg.lora) if cfg.lora.enabled else shape.total_params
     report.update(model_type=mc.model_type, total_params=shape.total_params,

@@ -28,6 +28,7 @@ from sft_scale.preflight.deepspeed import choose_zero, launcher_ds_file, resolve
 from sft_scale.preflight.plan import lora_targets, matches_module, model_shape
 from sft_scale.training.attention import PACKED_SDPA, resolve_attn_implementation
 from sft_scale.training.distributed import world_size_from_env
+from sft_scale.training.layer_kernels import resolve_layer_kernels
 from sft_scale.training.lora_kernel import resolve_lora_kernel
 from sft_scale.training.loss import resolve_loss
 
@@ -48,6 +49,8 @@ class FastPaths:
     lora_kernel: str
     lora_kernel_reason: str
     torch_compile: bool
+    layer_kernels: str
+    layer_kernels_reason: str
     trim_last_layer: bool
     trim_last_layer_reason: str
     num_workers: int
@@ -221,6 +224,7 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> F
     packing, packing_why = resolve_packing(cfg, attn, mc)
     loss, loss_why = resolve_loss(cfg, mc, zero_stage)
     lora_kernel, lora_why = resolve_lora_kernel(cfg, zero_stage)
+    layers, layers_why = resolve_layer_kernels(cfg, zero_stage)
     trim, trim_why = resolve_trim_last_layer(cfg, loss)
     return FastPaths(
         attn_implementation=attn,
@@ -230,6 +234,7 @@ def resolve_fast_paths(cfg: Config, zero_stage: int | None = None, mc=None) -> F
         group_by_length=cfg.data.group_by_length and not packing,
         loss=loss, loss_reason=loss_why, lora_kernel=lora_kernel, lora_kernel_reason=lora_why,
         torch_compile=cfg.training.torch_compile,
+        layer_kernels=layers, layer_kernels_reason=layers_why,
         trim_last_layer=trim, trim_last_layer_reason=trim_why,
         num_workers=cfg.data.num_workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),

@@ -93,7 +93,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 RESUME_APPLIED = ("output.", "checkpoint.", "logging.", "eval.", "training.max_steps",
                   "training.num_epochs", "training.logging_steps", "training.micro_batch_size",
                   "training.gradient_accumulation_steps", "training.torch_compile",
-                  "training.trim_last_layer",
+                  "training.trim_last_layer", "training.layer_kernels",
                   "training.gradient_checkpointing", "training.loss", "model.attn_implementation",
                   "data.num_workers", "data.pin_memory", "data.num_proc", "distributed.")
 

@@ -18,7 +18,7 @@ from transformers import (
 from sft_scale import optional
 from sft_scale.config import Config, ConfigError
 from sft_scale.model_source import resolve_model_path
-from sft_scale.training import lora_kernel, trained_rows
+from sft_scale.training import layer_kernels, lora_kernel, trained_rows
 from sft_scale.training.attention import attention_for_load
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,13 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
         model = wrap_lora(model, cfg, token_ids, resolved.fast.lora_kernel)
         if unhook:
             model.get_base_model().disable_input_require_grads()
+    if resolved.fast.layer_kernels == layer_kernels.FUSED:  # after PEFT: its copies too
+        fused = layer_kernels.install(model.get_base_model() if cfg.lora.enabled else model)
+        log.info("layer_kernels: %d RMSNorm modules fused (%s), rotary fused in %s%s",
+                 fused["norms"], ", ".join(fused["norm_classes"]) or "none",
+                 ", ".join(fused["rotary"]) or "none",
+                 f"; transformers' own kept for {', '.join(fused['kept'])} (not equal)"
+                 if fused["kept"] else "")
     if trim:  # after PEFT: the hooks go on the modules PEFT put in place
         names, why = trained_rows.install(
             model.get_base_model() if cfg.lora.enabled else model)
