@@ -14,7 +14,8 @@ fp32), measured in docs/BENCHMARKS.md (`sft_scale` against `sft_scale[layer_kern
 How they are put in place, as the field does it for Liger's kernels: each RMSNorm instance gets
 the fused forward as its own `forward` (nothing else about the module changes: parameter names,
 hooks, saving), and the modeling module's `apply_rotary_pos_emb`, which its attention calls by
-name, is wrapped (process-wide, for that model family). transformers' own hook for swapping them
+name, is wrapped (process-wide, for that model family; a later run in the same process that
+chooses `transformers` puts the original back). transformers' own hook for swapping them
 (`use_kernel_forward_from_hub`) loads kernels from the Hub, which a training node may not reach.
 
 Nothing relies on a list of architectures: when installed, each RMSNorm class and each rotary
@@ -221,10 +222,8 @@ def install(model) -> dict[str, int | list[str]]:
         fused_norms += 1
     rotary = []
     head_dim = _head_dim(getattr(model, "config", None))
-    for name in sorted({type(m).__module__ for m in model.modules()}):
-        mod = sys.modules.get(name)
-        fn = getattr(mod, "apply_rotary_pos_emb", None)
-        if not callable(fn) or head_dim is None:
+    for name, mod, fn in _rotary_functions(model):
+        if head_dim is None:
             continue
         if hasattr(fn, _ORIGINAL):
             rotary.append(name)
@@ -237,6 +236,28 @@ def install(model) -> dict[str, int | list[str]]:
     return {"norms": fused_norms, "norm_classes": sorted(c.__name__ for c, ok in agrees.items()
                                                          if ok),
             "rotary": rotary, "kept": kept}
+
+
+def restore_rotary(model) -> list[str]:
+    """Put transformers' own `apply_rotary_pos_emb` back in the modeling modules of `model`
+    where an earlier run in this process (tests, a benchmark's runs) fused it: the wrap is
+    process-wide, and a run that chose `transformers` must compute transformers' ops. Returns
+    the modules restored."""
+    restored = []
+    for name, mod, fn in _rotary_functions(model):
+        if hasattr(fn, _ORIGINAL):
+            mod.apply_rotary_pos_emb = getattr(fn, _ORIGINAL)
+            restored.append(name)
+    return restored
+
+
+def _rotary_functions(model):
+    """(module name, module, apply_rotary_pos_emb) for each modeling module of model's classes."""
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        mod = sys.modules.get(name)
+        fn = getattr(mod, "apply_rotary_pos_emb", None)
+        if callable(fn):
+            yield name, mod, fn
 
 
 def _is_fused(module) -> bool:

@@ -164,16 +164,20 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
         model = wrap_lora(model, cfg, token_ids, resolved.fast.lora_kernel)
         if unhook:
             model.get_base_model().disable_input_require_grads()
-    if resolved.fast.layer_kernels == layer_kernels.FUSED:  # after PEFT: its copies too
-        fused = layer_kernels.install(model.get_base_model() if cfg.lora.enabled else model)
+    base = model.get_base_model() if cfg.lora.enabled else model
+    if resolved.fast.layer_kernels != layer_kernels.FUSED:
+        if restored := layer_kernels.restore_rotary(base):
+            log.info("layer_kernels: transformers' rotary restored in %s (an earlier run in "
+                     "this process had fused it)", ", ".join(restored))
+    else:  # after PEFT: its modules_to_save copies are fused too
+        fused = layer_kernels.install(base)
         log.info("layer_kernels: %d RMSNorm modules fused (%s), rotary fused in %s%s",
                  fused["norms"], ", ".join(fused["norm_classes"]) or "none",
                  ", ".join(fused["rotary"]) or "none",
                  f"; transformers' own kept for {', '.join(fused['kept'])} (not equal)"
                  if fused["kept"] else "")
     if trim:  # after PEFT: the hooks go on the modules PEFT put in place
-        names, why = trained_rows.install(
-            model.get_base_model() if cfg.lora.enabled else model)
+        names, why = trained_rows.install(base)
         log.info("trim_last_layer: %s", f"at trained positions only: {why}" if names
                  else f"nothing to trim ({why}); every position is computed")
     return model

@@ -179,6 +179,17 @@ def test_family_trains_to_transformers_loss_and_gradients(family, lora):
     assert report["rotary"] == [type(base).__module__]
 
 
+def test_a_later_transformers_run_gets_transformers_rotary_back():
+    """The rotary wrap is process-wide: load_model with layer_kernels: transformers, after a
+    fused run in the same process, computes transformers' own rotary again."""
+    original = modeling_llama.apply_rotary_pos_emb
+    install(family_model("llama"))
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    assert layer_kernels.restore_rotary(family_model("llama")) == [modeling_llama.__name__]
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert layer_kernels.restore_rotary(family_model("llama")) == []
+
+
 def test_install_twice_changes_nothing():
     model = family_model("llama")
     first = install(model)
@@ -203,3 +214,29 @@ def test_resolve(setting, dtype, compile_, zero, expect):
     cfg.model.dtype = dtype
     kernel, why = resolve_layer_kernels(cfg, zero)
     assert kernel == expect and why
+
+
+def test_load_model_fuses_under_auto_and_restores_under_transformers(tmp_path):
+    """Through the training entry's own loader, two runs in one process (as the benchmark's
+    grouped switches run): auto fuses norms and rotary; transformers then gets its own back."""
+    from sft_scale.config import load_config
+    from sft_scale.preflight.resolve import in_job_layout, resolve
+    from sft_scale.training.model import load_model
+
+    def load(setting):
+        (tmp_path / f"{setting}.yaml").write_text(
+            "model:\n  name_or_path: builtin:tiny-llama\ndata:\n  train_files: [x.jsonl]\n"
+            f"  max_seq_len: 64\ntraining:\n  layer_kernels: {setting}\n")
+        cfg = load_config(tmp_path / f"{setting}.yaml")
+        resolved = resolve(cfg, in_job_layout(cfg))
+        return resolved.fast.layer_kernels, load_model(cfg, resolved)
+
+    original = modeling_llama.apply_rotary_pos_emb
+    kernel, fused = load("auto")
+    norms = [m for m in fused.modules() if layer_kernels._is_rms_norm(m)]
+    assert kernel == "fused" and norms and all(map(layer_kernels._is_fused, norms))
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    kernel, plain = load("transformers")
+    norms = [m for m in plain.modules() if layer_kernels._is_rms_norm(m)]
+    assert kernel == "transformers" and norms and not any(map(layer_kernels._is_fused, norms))
+    assert modeling_llama.apply_rotary_pos_emb is original
