@@ -1,8 +1,18 @@
-"""Where sft_scale's training step spends its time on this CPU: torch.profiler around the real
-entry point (`sft_scale.train.main`) on the bench model and data, the top operators by self CPU
-time, grouped into what limits the step (GEMMs, attention, optimizer, everything else).
+"""Where sft_scale's training step spends its time on this CPU: the real entry point
+(`sft_scale.train.main`) on the bench model and data, each operator's time, the top operators,
+and their sum by what limits the step (GEMMs, attention, optimizer, everything else).
 
     .venv/bin/python -m bench.profile --out docs/PROFILE.md [--threads 1] [--set KEY=VALUE ...]
+                                      [--timer dispatch|profiler]
+
+Two timers. `dispatch` (the default) times every aten operator where it runs, with a clock read
+before and after it (a TorchDispatchMode): nothing else runs in between, so the operators' times
+add up to the run's. `profiler` is torch.profiler's self CPU time. On a machine where memory
+traffic is expensive (a VM; seen on 2026-12-02: an Intel Xeon with AVX-512) the profiler's own
+bookkeeping between operators evicts their data from the caches, and memory-bound operators
+(elementwise ops over [tokens, 1376] tensors) then took 10-30x their unprofiled time: its profile
+put 32% of the time into elementwise ops where they take about 15%. The report states, for either
+timer, how much of the run's wall time its operators account for.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from bench.spec import default_spec, quick_spec
@@ -26,9 +37,11 @@ KINDS = [
     ("optimizer (AdamW)", ("_foreach_", "adam", "Optimizer.step")),
     ("elementwise / norms / activations", ("aten::mul", "aten::add", "aten::silu", "aten::pow",
                                            "aten::rsqrt", "aten::mean", "aten::neg", "aten::cat",
-                                           "aten::sigmoid", "aten::exp", "aten::sub", "aten::div")),
+                                           "aten::sigmoid", "aten::exp", "aten::sub", "aten::div",
+                                           "aten::addcmul", "aten::sum")),
     ("memory (copies, new tensors)", ("aten::copy_", "aten::empty", "aten::zeros", "aten::clone",
-                                      "aten::to", "aten::contiguous", "aten::fill_")),
+                                      "aten::to", "aten::contiguous", "aten::fill_",
+                                      "slice_backward", "aten::new_zeros")),
     ("loss (log-softmax, cross-entropy)", ("log_softmax", "nll_loss", "cross_entropy")),
 ]
 
@@ -41,6 +54,98 @@ def kind_of(name: str) -> str:
     return "other (Python-side ops, indexing, views)"
 
 
+def aten_name(func) -> str:
+    """`aten.mm.default` (an OpOverload) -> `aten::mm`, the profiler's spelling."""
+    packet = getattr(func, "overloadpacket", None)
+    name = str(packet if packet is not None else func)
+    return name.replace(".", "::", 1)
+
+
+def op_timer():
+    """A TorchDispatchMode that adds up each aten operator's time by (name, input shapes).
+
+    `mode.ops` maps (name, shapes) -> [calls, seconds]. Timed where the operator runs, so the
+    times are the operators' own; the mode's bookkeeping (a few microseconds per call) is outside
+    them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpTimer(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[tuple[str, tuple], list] = defaultdict(lambda: [0, 0.0])
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            dt = time.perf_counter() - t0
+            shapes = tuple(tuple(a.shape) for a in args if hasattr(a, "shape"))
+            entry = self.ops[(aten_name(func), shapes)]
+            entry[0] += 1
+            entry[1] += dt
+            return out
+
+    return OpTimer()
+
+
+def dispatch_rows(ops: dict) -> list[tuple[str, str, int, float]]:
+    """(operator, shapes, calls, seconds) rows from an op_timer's table."""
+    return [(name, " ".join("x".join(map(str, sh)) for sh in shapes) or "-", n, sec)
+            for (name, shapes), (n, sec) in ops.items()]
+
+
+def profiler_rows(prof) -> list[tuple[str, str, int, float]]:
+    return [(e.key, "", e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()
+            if e.self_cpu_time_total > 0]
+
+
+def report(rows, *, command: str, spec, threads: int, wall: float, steps_s: float | None,
+           timer: str, top: int) -> str:
+    """The markdown report: by kind, then the top operators (by name and input shapes for the
+    dispatch timer)."""
+    total = sum(r[3] for r in rows)
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for name, _, n, sec in rows:
+        by_kind[kind_of(name)] += sec
+        by_name[name][0] += n
+        by_name[name][1] += sec
+    what = ("every aten operator timed where it runs (dispatch timer)" if timer == "dispatch"
+            else "torch.profiler's self CPU time")
+    steps = f"; the training steps took {steps_s:.2f} s" if steps_s is not None else ""
+    L = ["# Profile: where sft_scale's training time goes (CPU)\n",
+         f"Command: `.venv/bin/{command}` ({spec.parameters:,}-parameter bench model, "
+         f"{spec.train.steps} steps, {threads} thread(s)). Timer: {what}. The whole run (model "
+         f"loading and saving included) took {wall:.1f} s{steps}; its operators' times add up to "
+         f"{total:.2f} s.\n",
+         "## By kind\n", "| kind | seconds | share |", "|---|---|---|"]
+    for kind, sec in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        L.append(f"| {kind} | {sec:.2f} | {sec / total:.0%} |")
+    L += ["", f"## Top {top} operators\n", "| operator | kind | calls | seconds | share |",
+          "|---|---|---|---|---|"]
+    for name, (n, sec) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        L.append(f"| `{name}` | {kind_of(name)} | {n} | {sec:.2f} | {sec / total:.0%} |")
+    if timer == "dispatch":
+        L += ["", f"## Top {top} operators by input shapes\n",
+              "| operator | input shapes | calls | ms per call | seconds | share |",
+              "|---|---|---|---|---|---|"]
+        for name, shapes, n, sec in sorted(rows, key=lambda r: -r[3])[:top]:
+            L.append(f"| `{name}` | {shapes} | {n} | {sec / n * 1e3:.3f} | {sec:.2f} | "
+                     f"{sec / total:.0%} |")
+    return "\n".join(L) + "\n"
+
+
+def steps_seconds(out: Path) -> float | None:
+    """The training steps' own time, from the run's metrics.jsonl (step_time_s per step)."""
+    import json
+
+    try:
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    except OSError:
+        return None
+    times = [r["step_time_s"] for r in recs if "step_time_s" in r]
+    return sum(times) if times else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="markdown report (default: print)")
@@ -48,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="the tiny --quick bench model")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--timer", choices=("dispatch", "profiler"), default="dispatch")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -65,34 +171,18 @@ def main(argv=None) -> int:
     spec, _ = prepare(spec, work)
     config = write_config(spec, work / "bench.yaml")
     argv_train = sft_argv(config, work / "out", args.sets)
+    timer = op_timer() if args.timer == "dispatch" else profile(activities=[ProfilerActivity.CPU])
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with timer:
         rc = train.main(argv_train)
     wall = time.perf_counter() - t0
     if rc != 0:
         print(f"bench.profile: training failed with exit code {rc}", file=sys.stderr)
         return rc
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    by_kind: dict[str, float] = {}
-    for e in events:
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_cpu_time_total
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
+    rows = dispatch_rows(timer.ops) if args.timer == "dispatch" else profiler_rows(timer)
     command = "python -m bench.profile " + shlex.join(argv if argv is not None else sys.argv[1:])
-    L = ["# Profile: where sft_scale's training time goes (CPU)\n",
-         f"Command: `.venv/bin/{command}` ({spec.parameters:,}-parameter bench model, "
-         f"{spec.train.steps} steps, {args.threads} thread(s); the whole run under "
-         f"torch.profiler: {wall:.1f} s wall, {total / 1e6:.1f} s of profiled operator self "
-         "time, model loading and saving included).\n",
-         "## By kind\n", "| kind | self CPU s | share |", "|---|---|---|"]
-    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        L.append(f"| {kind} | {us / 1e6:.2f} | {us / total:.0%} |")
-    L += ["", f"## Top {args.top} operators by self CPU time\n",
-          "| operator | kind | calls | self CPU s | share |", "|---|---|---|---|---|"]
-    for e in top:
-        L.append(f"| `{e.key}` | {kind_of(e.key)} | {e.count} | "
-                 f"{e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.0%} |")
-    text = "\n".join(L) + "\n"
+    text = report(rows, command=command, spec=spec, threads=args.threads, wall=wall,
+                  steps_s=steps_seconds(work / "out"), timer=args.timer, top=args.top)
     if args.out:
         Path(args.out).write_text(text)
         print(f"bench.profile: wrote {args.out}")

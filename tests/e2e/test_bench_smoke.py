@@ -121,3 +121,18 @@ def test_trim_last_layer_ab_reports_the_pairs_and_the_predicted_ratio(tmp_path, 
     assert text.count("x |") == 2  # one row per round
     predicted = float(text.split("predicts ")[1].split("x")[0])
     assert predicted > 1.0  # the tiny model's prompts are untrained too: less work trimmed
+
+
+@pytest.mark.parametrize("timer", ["dispatch", "profiler"])
+def test_profile_attributes_the_run_to_operators(tmp_path, sft_scale_home, timer):
+    out = tmp_path / "PROFILE.md"
+    env = dict(os.environ, SFT_SCALE_BENCH_CACHE=str(tmp_path / "cache"),
+               SFT_SCALE_HOME=str(sft_scale_home))
+    cmd = [sys.executable, "-m", "bench.profile", "--quick", "--steps", "2", "--timer", timer,
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    assert "| GEMM (linear layers, LoRA, LM head) |" in text and "`aten::mm`" in text
+    assert "the training steps took" in text
+    assert ("## Top 15 operators by input shapes" in text) == (timer == "dispatch")
