@@ -6,13 +6,15 @@ and their sum by what limits the step (GEMMs, attention, optimizer, everything e
                                       [--timer dispatch|profiler]
 
 Two timers. `dispatch` (the default) times every aten operator where it runs, with a clock read
-before and after it (a TorchDispatchMode): nothing else runs in between, so the operators' times
-add up to the run's. `profiler` is torch.profiler's self CPU time. On a machine where memory
-traffic is expensive (a VM; seen on 2026-12-02: an Intel Xeon with AVX-512) the profiler's own
-bookkeeping between operators evicts their data from the caches, and memory-bound operators
-(elementwise ops over [tokens, 1376] tensors) then took 10-30x their unprofiled time: its profile
-put 32% of the time into elementwise ops where they take about 15%. The report states, for either
-timer, how much of the run's wall time its operators account for.
+before and after it (a TorchDispatchMode): the operators' times are their own and add up to the
+steps' time. `profiler` is torch.profiler's self CPU time. On 2026-12-02, minutes after this VM
+booted (an Intel Xeon with AVX-512; memory the guest had never touched cost ~11 us per 4 KiB page
+to fault in, against ~0.7 us once touched), a profiled run took 2.0 s per step against 0.75 s
+unprofiled, and memory-bound operators (elementwise ops over [tokens, 1376] tensors) 10-30x their
+unprofiled time, so its profile put 32% of the time in elementwise ops where the dispatch timer,
+at the same moment, found about 15%. An hour later both timers agreed. The report states, for
+either timer, how much of the steps' time its operators account for: a sum far above it means
+the timer changed what it measured.
 """
 
 from __future__ import annotations
