@@ -12,9 +12,9 @@ booted (an Intel Xeon with AVX-512; memory the guest had never touched cost ~11 
 to fault in, against ~0.7 us once touched), a profiled run took 2.0 s per step against 0.75 s
 unprofiled, and memory-bound operators (elementwise ops over [tokens, 1376] tensors) 10-30x their
 unprofiled time, so its profile put 32% of the time in elementwise ops where the dispatch timer,
-at the same moment, found about 15%. An hour later both timers agreed. The report states, for
-either timer, how much of the steps' time its operators account for: a sum far above it means
-the timer changed what it measured.
+at the same moment, found about 15%. An hour later both timers agreed. The report states the
+steps' time under the timer and what its operators add up to: steps far slower than an untimed
+run's (bench.run's tokens/s) mean the timer changed what it measured.
 """
 
 from __future__ import annotations
