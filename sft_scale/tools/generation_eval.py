@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from sft_scale.data import load_examples
 from sft_scale.data.templates import render, resolve_template
 from sft_scale.model_source import resolve_model_path
-from sft_scale.training.model import bnb_config, load_tokenizer
+from sft_scale.training.model import bnb_config, keep_4bit_cpu_layout, load_tokenizer
 
 
 def _normalise(text: str) -> str:
@@ -120,6 +120,8 @@ def eval_before_after(cfg, adapter_dir: str | None, sources) -> dict:
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path),
                                                  dtype=torch.float32, use_safetensors=True,
                                                  **kwargs)
+    if quant is not None and cfg.quantization.load_in_4bit:
+        keep_4bit_cpu_layout(model, all_layers=False)
     result = {"before": evaluate_generation(model, tokenizer, records, cfg.eval.max_new_tokens)}
     if adapter_dir:
         model = PeftModel.from_pretrained(model, adapter_dir)

@@ -67,6 +67,36 @@ def quant_storage_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype:
     return torch.uint8 if name == "uint8" else DTYPES[name]
 
 
+# bitsandbytes (0.50) repacks a Linear4bit's weight, in place, into a CPU inference layout the
+# first time the layer runs in eval mode without grad on a CPU with AVX512-BF16
+# (`Linear4bit.forward`, `_convert_weight_packed_for_cpu`). The repack needs out_features to be a
+# multiple of 32 and in_features a multiple of the quantization block (64), so a layer of another
+# width fails there (the test models; seen on an Intel Xeon, where every 4-bit run with validation
+# died), and in a training run, which switches
+# between eval and training and saves checkpoints as it goes, the repacked layout would carry
+# into the training steps and the saved state, and a run's numbers would depend on the CPU.
+_BNB_CPU_REPACK_BLOCK = 32
+
+
+def keep_4bit_cpu_layout(model, *, all_layers: bool) -> int:
+    """Turn bitsandbytes' CPU inference repack off in every Linear4bit of `model` (all_layers:
+    training) or only in those it cannot repack (inference: the others keep the faster layout).
+    Returns how many layers it turned off."""
+    off = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False) and (
+                all_layers or not _bnb_cpu_repackable(m)):
+            m.support_avx512bf16_for_cpu = False
+            off += 1
+    return off
+
+
+def _bnb_cpu_repackable(layer) -> bool:
+    state = getattr(layer.weight, "quant_state", None)
+    block = getattr(state, "blocksize", None) or 64
+    return layer.out_features % _BNB_CPU_REPACK_BLOCK == 0 and layer.in_features % block == 0
+
+
 def bnb_config(cfg: Config, zero_stage: int | None = None):
     """The BitsAndBytesConfig for `cfg.quantization`, or None when the base is not quantized."""
     q = cfg.quantization
@@ -137,6 +167,8 @@ def load_model(cfg: Config, resolved, device_index: int | None = None,
             f"{quant.bnb_4bit_use_double_quant}, compute {quant.bnb_4bit_compute_dtype}, "
             f"storage {quant.bnb_4bit_quant_storage}")
         log.info("quantization: bitsandbytes %s, %d %s layers", what, n, layer)
+        if cfg.quantization.load_in_4bit:
+            keep_4bit_cpu_layout(model, all_layers=True)
     model.config.use_cache = False  # the KV cache only costs memory during training
     token_ids = resize_for_added_tokens(model, cfg)
 

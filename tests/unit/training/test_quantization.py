@@ -120,3 +120,44 @@ def test_merge_dequantize_needs_a_run_that_trained_quantized(tmp_path, manifest)
                        match=f"--dequantize: .*manifest.json {why}.*without --dequantize"):
         merge(str(adapter), str(tmp_path / "out"), dequantize=True)
     assert not (tmp_path / "out").exists()
+
+
+def _linear4bit(out_features: int, cpu_repack: bool):
+    """A real bitsandbytes Linear4bit on CPU, its weight quantized; `cpu_repack` stands for a
+    CPU with AVX512-BF16 (the flag bitsandbytes reads from the CPU at construction)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, out_features, bias=False, compute_dtype=torch.float32,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, 64) * 0.1, requires_grad=False,
+                                     quant_type="nf4")
+    layer = layer.to("cpu")  # moving a Params4bit quantizes it
+    assert layer.weight.bnb_quantized
+    layer.support_avx512bf16_for_cpu = cpu_repack
+    return layer
+
+
+def test_4bit_layers_keep_their_layout_in_eval_on_any_cpu():
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in eval mode, which needs
+    out_features % 32 == 0 and in_features % 64 == 0: a 40-wide layer fails there (as every 4-bit
+    run with validation did on an Intel Xeon). With the repack kept off it computes the same as
+    without it. The CPU flag is set by hand: a CPU without AVX512-BF16 never repacks."""
+    from sft_scale.training.model import keep_4bit_cpu_layout
+
+    x = torch.randn(3, 64)
+    plain = _linear4bit(40, cpu_repack=False).eval()
+    with torch.no_grad():
+        want = plain(x)
+    layer = _linear4bit(40, cpu_repack=True).eval()
+    with torch.no_grad(), pytest.raises(AssertionError, match="divisible"):
+        layer(x)
+    layer = _linear4bit(40, cpu_repack=True).eval()
+    wide = _linear4bit(64, cpu_repack=True)
+    model = torch.nn.ModuleList([layer, wide])
+    assert keep_4bit_cpu_layout(model, all_layers=False) == 1  # inference: only the 40-wide
+    assert not layer.support_avx512bf16_for_cpu and wide.support_avx512bf16_for_cpu
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    assert keep_4bit_cpu_layout(model, all_layers=True) == 1  # training: every layer
+    assert not wide.support_avx512bf16_for_cpu
