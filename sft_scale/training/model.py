@@ -72,9 +72,9 @@ def quant_storage_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype:
 # (`Linear4bit.forward`, `_convert_weight_packed_for_cpu`). The repack needs out_features to be a
 # multiple of 32 and in_features a multiple of the quantization block (64), so a layer of another
 # width fails there (the test models; seen on an Intel Xeon, where every 4-bit run with validation
-# died), and in a training run, which switches
-# between eval and training and saves checkpoints as it goes, the repacked layout would carry
-# into the training steps and the saved state, and a run's numbers would depend on the CPU.
+# died). In a training run, which switches between eval and training and saves checkpoints as it
+# goes, the repacked layout would carry into the training steps and the saved state, and its
+# kernel computes differently (logits ~1e-2 apart): a run's numbers would depend on the CPU.
 _BNB_CPU_REPACK_BLOCK = 32
 
 
