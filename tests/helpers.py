@@ -63,3 +63,15 @@ def ds_launch(stage: str) -> list[str]:
     """`accelerate launch` flags for DeepSpeed with ds_configs/STAGE.json."""
     return ["--use_deepspeed", "--deepspeed_config_file",
             str(ROOT / "ds_configs" / f"{stage}.json")]
+
+
+def section_config(section: str, **values):
+    """A default Config with a placeholder dataset and the given fields of one section set, for
+    unit tests that resolve switches or build a model without reading data."""
+    from sft_scale.config import Config, DatasetSource
+
+    cfg = Config()
+    cfg.data.datasets = [DatasetSource(path="x.jsonl")]
+    for k, v in values.items():
+        setattr(getattr(cfg, section), k, v)
+    return cfg

@@ -11,11 +11,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama import modeling_llama
 
-from sft_scale.config import Config, DatasetSource
+from sft_scale.config import Config
 from sft_scale.training import layer_kernels, lora_kernel
 from sft_scale.training.layer_kernels import _RMSNorm, _Rotary, install, resolve_layer_kernels
 from sft_scale.training.model import wrap_lora
 from tests.families import FAMILIES, FAMILY
+from tests.helpers import section_config
 
 VOCAB = 300
 
@@ -33,11 +34,7 @@ def restore_rotary():
 
 
 def config(**training) -> Config:
-    cfg = Config()
-    cfg.data.datasets = [DatasetSource(path="x.jsonl")]
-    for k, v in training.items():
-        setattr(cfg.training, k, v)
-    return cfg
+    return section_config("training", **training)
 
 
 def family_model(name: str):

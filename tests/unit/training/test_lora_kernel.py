@@ -8,19 +8,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sft_scale.config import Config, DatasetSource
+from sft_scale.config import Config
 from sft_scale.model_source import resolve_model_path
 from sft_scale.training import lora_kernel
 from sft_scale.training.lora_kernel import FusedLoraLinear, resolve_lora_kernel
 from sft_scale.training.model import wrap_lora
+from tests.helpers import section_config
 
 
 def config(**lora) -> Config:
-    cfg = Config()
-    cfg.data.datasets = [DatasetSource(path="x.jsonl")]
-    for k, v in lora.items():
-        setattr(cfg.lora, k, v)
-    return cfg
+    return section_config("lora", **lora)
 
 
 def lora_model(kernel: str, dropout: float = 0.0, checkpointing: bool = False):

@@ -9,22 +9,19 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft_scale.config import Config, DatasetSource
+from sft_scale.config import Config
 from sft_scale.preflight.resolve import resolve_trim_last_layer
 from sft_scale.training import attention, lora_kernel, trained_rows
 from sft_scale.training.loss import summed_loss
 from sft_scale.training.model import wrap_lora
 from tests.families import FAMILY
+from tests.helpers import section_config
 
 VOCAB = 300
 
 
 def config(**training) -> Config:
-    cfg = Config()
-    cfg.data.datasets = [DatasetSource(path="x.jsonl")]
-    for k, v in training.items():
-        setattr(cfg.training, k, v)
-    return cfg
+    return section_config("training", **training)
 
 
 def tiny(model_type: str, **extra):
