@@ -75,3 +75,21 @@ def section_config(section: str, **values):
     for k, v in values.items():
         setattr(getattr(cfg, section), k, v)
     return cfg
+
+
+def lora_for_gradient_checks(model):
+    """`model` wrapped with sft_scale's fused LoRA (no dropout: two runs would draw different
+    masks) and every lora_B drawn at random (seed 1): B starts at zero, which would hide an
+    error in the adapters' gradients."""
+    import torch
+
+    from sft_scale.training import lora_kernel
+    from sft_scale.training.model import wrap_lora
+
+    cfg = section_config("lora", dropout=0.0)
+    model = wrap_lora(model, cfg, kernel=lora_kernel.FUSED)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model

@@ -12,11 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama import modeling_llama
 
 from sft_scale.config import Config
-from sft_scale.training import layer_kernels, lora_kernel
+from sft_scale.training import layer_kernels
 from sft_scale.training.layer_kernels import _RMSNorm, _Rotary, install, resolve_layer_kernels
-from sft_scale.training.model import wrap_lora
 from tests.families import FAMILIES, FAMILY
-from tests.helpers import section_config
+from tests.helpers import lora_for_gradient_checks, section_config
 
 VOCAB = 300
 
@@ -149,13 +148,7 @@ def test_deep_copy_of_a_fused_norm_uses_its_own_weight():
 def test_family_trains_to_transformers_loss_and_gradients(family, lora):
     model = family_model(family)
     if lora:
-        cfg = config()
-        cfg.lora.dropout = 0.0  # the two runs would draw different masks
-        model = wrap_lora(model, cfg, kernel=lora_kernel.FUSED)
-        torch.manual_seed(1)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:  # B starts at zero, which would hide an error in the adapters
-                torch.nn.init.normal_(p, std=0.05)
+        model = lora_for_gradient_checks(model)
     fused = copy.deepcopy(model)
     loss_t, grads_t = loss_and_grads(model)  # before install: transformers' rotary
     report = install(fused.get_base_model() if lora else fused)

@@ -11,11 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft_scale.config import Config
 from sft_scale.preflight.resolve import resolve_trim_last_layer
-from sft_scale.training import attention, lora_kernel, trained_rows
+from sft_scale.training import attention, trained_rows
 from sft_scale.training.loss import summed_loss
-from sft_scale.training.model import wrap_lora
 from tests.families import FAMILY
-from tests.helpers import section_config
+from tests.helpers import lora_for_gradient_checks, section_config
 
 VOCAB = 300
 
@@ -44,13 +43,7 @@ def lora_pair(mc, attn: str, checkpointing: bool = False):
     if checkpointing:  # as load_model sets it up when trimming
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False, "context_fn": trained_rows.recompute_context})
-    cfg = config()
-    cfg.lora.dropout = 0.0  # dropout would draw other masks for fewer rows
-    model = wrap_lora(model, cfg, kernel=lora_kernel.FUSED)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would hide an error in the adapters
-            torch.nn.init.normal_(p, std=0.05)
+    model = lora_for_gradient_checks(model)  # no dropout: it would draw other masks for fewer rows
     trimmed = copy.deepcopy(model)
     names, _ = trained_rows.install(trimmed.get_base_model())
     return model, trimmed, names
