@@ -260,9 +260,9 @@ class TrainingConfig(ReadOnlyAfterLoad):
     """torch.compile the repeated decoder blocks (regional, in place)."""
     layer_kernels: Literal["auto", "fused", "transformers"] = "auto"
     """fused: each RMSNorm and rotary embedding as one autograd node, in fewer passes over memory
-    (fp32; used where checked equal to transformers' own, sft_scale/training/layer_kernels.py).
-    transformers: its own ops. auto: fused for fp32 models, except with torch_compile or
-    DeepSpeed ZeRO-3."""
+    (fp32; used where checked equal to transformers' own, sft_scale/training/layer_kernels.py;
+    an error with torch_compile, ZeRO-3 or another dtype). transformers: its own ops. auto:
+    fused for fp32 models, except with torch_compile or DeepSpeed ZeRO-3."""
     trim_last_layer: bool = True
     """With the chunked or liger loss: compute the last decoder layer's query projection,
     attention output projection and MLP only at the positions that predict a trained token, the

@@ -36,6 +36,8 @@ import types
 
 import torch
 
+from sft_scale.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 FUSED, TRANSFORMERS = "fused", "transformers"
@@ -48,14 +50,20 @@ def resolve_layer_kernels(cfg, zero_stage: int | None) -> tuple[str, str]:
     choice = cfg.training.layer_kernels
     if choice == TRANSFORMERS:
         return TRANSFORMERS, "set in the config"
+    why_not = None
     if cfg.training.torch_compile:
-        return TRANSFORMERS, "torch_compile fuses the elementwise ops itself"
-    if zero_stage == 3:
+        why_not = "torch_compile fuses the elementwise ops itself"
+    elif zero_stage == 3:
         # the install-time check runs the norms, whose weights ZeRO-3 keeps partitioned
-        return TRANSFORMERS, "DeepSpeed ZeRO-3 partitions the norms' weights"
-    if cfg.model.dtype != "fp32":
-        return TRANSFORMERS, (f"model.dtype {cfg.model.dtype}: the fused nodes cover fp32 "
-                              "(transformers computes half-precision norms in fp32)")
+        why_not = "DeepSpeed ZeRO-3 partitions the norms' weights"
+    elif cfg.model.dtype != "fp32":
+        why_not = (f"model.dtype {cfg.model.dtype}: the fused nodes cover fp32 (transformers "
+                   "computes half-precision norms in fp32)")
+    if why_not and choice == FUSED:
+        raise ConfigError(f"'training.layer_kernels: fused' cannot run here: {why_not}. "
+                          "Set training.layer_kernels: auto (or transformers).")
+    if why_not:
+        return TRANSFORMERS, f"auto: {why_not}"
     return FUSED, ("set in the config" if choice == FUSED else "auto: fp32") + \
         ", where each family's layers are checked equal to transformers' own"
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama import modeling_llama
 
-from sft_scale.config import Config
+from sft_scale.config import Config, ConfigError
 from sft_scale.training import layer_kernels
 from sft_scale.training.layer_kernels import _RMSNorm, _Rotary, install, resolve_layer_kernels
 from tests.families import FAMILIES, FAMILY
@@ -204,6 +204,15 @@ def test_resolve(setting, dtype, compile_, zero, expect):
     cfg.model.dtype = dtype
     kernel, why = resolve_layer_kernels(cfg, zero)
     assert kernel == expect and why
+
+
+@pytest.mark.parametrize("dtype, compile_, zero", [("bf16", False, None), ("fp32", True, None),
+                                                  ("fp32", False, 3)])
+def test_fused_where_it_cannot_run_is_a_config_error_naming_the_key(dtype, compile_, zero):
+    cfg = config(layer_kernels="fused", torch_compile=compile_)
+    cfg.model.dtype = dtype
+    with pytest.raises(ConfigError, match="training.layer_kernels: fused"):
+        resolve_layer_kernels(cfg, zero)
 
 
 def test_load_model_fuses_under_auto_and_restores_under_transformers(tmp_path):
